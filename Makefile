@@ -1,0 +1,51 @@
+# dicom-gateway: the same targets locally and in CI.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the tests talk to (real peers, not mocks).
+DEB_PACKAGES := dcmtk
+STAMP := $(VENV)/.installed
+
+.PHONY: venv debs test test-quick lint typecheck format demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+# Installs the Debian packages the tests need, only when one is missing (needs root).
+debs:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: venv debs
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check gateway simulators tests bench
+	$(BIN)/ruff format --check gateway simulators tests bench
+
+format: venv
+	$(BIN)/ruff format gateway simulators tests bench
+	$(BIN)/ruff check --fix gateway simulators tests bench
+
+typecheck: venv
+	$(BIN)/mypy --strict gateway simulators
+
+demo: venv
+	$(BIN)/python -m simulators.demo
+
+bench: venv debs
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
