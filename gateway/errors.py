@@ -35,5 +35,5 @@ class ProtocolError(GatewayError):
         super().__init__(message)
 
 
-class IndexFailure(GatewayError):
+class IndexDatabaseError(GatewayError):
     """The SQLite index could not record or read something."""

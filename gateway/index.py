@@ -1,0 +1,317 @@
+"""The SQLite index of stored instances and the delivery queue: one aiosqlite writer, group commit.
+
+Durability settings, and why: WAL lets readers (the CLI, status) run beside the one writer; with
+``synchronous=FULL`` each commit fsyncs the WAL, so a committed row survives power loss (with NORMAL a WAL
+commit can be lost at power failure). The setting is per connection, so every connection sets it.
+
+Group commit: receivers call `record`, which waits; the `run` loop takes every row that arrived while the
+previous transaction was committing, makes the spool directory durable once for all of them (the renames
+must be durable before a row says the file exists), and commits them in one transaction. So concurrent
+associations share one directory fsync and one WAL fsync, and each C-STORE-RSP still goes out only after
+its own row is committed.
+
+Imports: aiosqlite, model, errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import aiosqlite
+
+from gateway.errors import IndexDatabaseError
+from gateway.model import DeliveryState, FileState, StoredInstance
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+_MIGRATIONS: Final[dict[int, str]] = {
+    1: """
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL UNIQUE,
+        sop_class_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        patient_id TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        transfer_syntax_uid TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        file_name TEXT NOT NULL,
+        file_state TEXT NOT NULL DEFAULT 'stored',
+        calling_ae TEXT NOT NULL,
+        peer_address TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_study ON instances(study_instance_uid);
+    CREATE INDEX instances_file_state ON instances(file_state);
+    CREATE TABLE deliveries (
+        instance_id INTEGER NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+        destination TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        claim_id INTEGER,
+        last_status INTEGER,
+        last_error TEXT,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (instance_id, destination)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries(destination, state, next_attempt_at);
+    """,
+}
+
+# A SOP Instance UID received again with different bytes (the spool replaced the file) starts its deliveries
+# again and voids any claim, so a forwarder still sending the old bytes cannot mark the new ones done. This
+# runs before the instance row is updated, while the old hash is still there to compare.
+_REQUEUE_CHANGED: Final = """
+UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = :now, claim_id = NULL,
+    last_status = NULL, last_error = NULL, updated_at = :now
+WHERE instance_id = (SELECT id FROM instances WHERE sop_instance_uid = :uid AND sha256 != :sha256)
+"""
+_UPSERT_INSTANCE: Final = """
+INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, patient_id,
+    modality, transfer_syntax_uid, size_bytes, sha256, file_name, file_state, calling_ae, peer_address,
+    received_at)
+VALUES (:uid, :sop_class, :study, :series, :patient_id, :modality, :ts, :size, :sha256, :file_name, 'stored',
+    :calling_ae, :peer, :received_at)
+ON CONFLICT (sop_instance_uid) DO UPDATE SET
+    sop_class_uid = excluded.sop_class_uid, study_instance_uid = excluded.study_instance_uid,
+    series_instance_uid = excluded.series_instance_uid, patient_id = excluded.patient_id,
+    modality = excluded.modality, transfer_syntax_uid = excluded.transfer_syntax_uid,
+    size_bytes = excluded.size_bytes, sha256 = excluded.sha256, file_name = excluded.file_name,
+    file_state = 'stored', calling_ae = excluded.calling_ae, peer_address = excluded.peer_address,
+    received_at = excluded.received_at
+WHERE excluded.sha256 != instances.sha256 OR instances.file_state != 'stored'
+"""
+_INSERT_DELIVERY: Final = """
+INSERT INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
+SELECT id, :destination, 'pending', 0, :now, :now FROM instances WHERE sop_instance_uid = :uid
+ON CONFLICT (instance_id, destination) DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingRow:
+    instance: StoredInstance
+    done: asyncio.Future[None]
+
+
+class Index:
+    """The index database; use as ``async with Index(...) as index`` and run `run()` as a task.
+
+    Args:
+        path: the SQLite file.
+        destinations: names of the configured destinations (each new instance gets a delivery per name).
+        before_commit: blocking callable run before each group commit (the spool's directory fsync).
+    """
+
+    def __init__(self, path: Path, destinations: Sequence[str], before_commit: Callable[[], None]) -> None:
+        self.path = path
+        self.destinations = tuple(destinations)
+        self._before_commit = before_commit
+        self._db: aiosqlite.Connection | None = None
+        self._queue: list[_PendingRow] = []
+        self._wakeup = asyncio.Event()
+        self.commits = 0  # group commits done (observability and tests)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The open connection."""
+        if self._db is None:
+            raise IndexDatabaseError("index is not open")
+        return self._db
+
+    async def open(self) -> None:
+        """Open (creating or migrating) the database with the durability settings above."""
+        self._db = await connect(self.path)
+        await self._migrate()
+
+    async def close(self) -> None:
+        """Close the connection; rows still waiting for a commit get an error."""
+        for row in self._queue:
+            if not row.done.done():
+                row.done.set_exception(IndexDatabaseError("index closed before commit"))
+        self._queue.clear()
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _migrate(self) -> None:
+        version = await self.scalar("PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            raise IndexDatabaseError(f"index schema {version} is newer than this gateway ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION:
+            return
+        if version > 0:
+            backup = self.path.with_name(f"{self.path.name}.v{version}.bak")
+            log.warning("Migrating index schema %d -> %d; backup at %s", version, SCHEMA_VERSION, backup)
+            await asyncio.to_thread(shutil.copy2, self.path, backup)
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await self.db.executescript(
+                f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target}; COMMIT;"
+            )
+
+    async def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:  # noqa: ANN401
+        """First column of the first row, or None."""
+        async with self.db.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """All rows of a query."""
+        return list(await self.db.execute_fetchall(sql, params))
+
+    # ---------------------------------------------------------------- group commit
+    async def record(self, instance: StoredInstance) -> None:
+        """Index one durable spool file and wait until its row is committed.
+
+        A UID seen before keeps its row and deliveries when the hash is the same; different bytes update
+        the row and start its deliveries again.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append(_PendingRow(instance, done))
+        self._wakeup.set()
+        await done
+
+    async def run(self) -> None:
+        """Commit queued rows in groups until cancelled."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[_PendingRow]) -> None:
+        try:
+            await asyncio.to_thread(self._before_commit)
+            await self._write(batch)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("Index commit of %d rows failed: %s", len(batch), exc)  # noqa: TRY400 - cause is in exc
+            for row in batch:
+                if not row.done.done():
+                    row.done.set_exception(IndexDatabaseError(f"index commit failed: {exc}"))
+            return
+        self.commits += 1
+        for row in batch:
+            if not row.done.done():
+                row.done.set_result(None)
+
+    async def _write(self, batch: list[_PendingRow]) -> None:
+        now = time.time()
+        instances = [_instance_params(row.instance) for row in batch]
+        changed = [{"uid": p["uid"], "sha256": p["sha256"], "now": now} for p in instances]
+        deliveries = [
+            {"uid": p["uid"], "destination": name, "now": now}
+            for p in instances
+            for name in self.destinations
+        ]
+        db = self.db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if deliveries:
+                await db.executemany(_REQUEUE_CHANGED, changed)
+            await db.executemany(_UPSERT_INSTANCE, instances)
+            if deliveries:
+                await db.executemany(_INSERT_DELIVERY, deliveries)
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    # ---------------------------------------------------------------- recovery
+    async def stored_uids(self) -> set[str]:
+        """SOP Instance UIDs whose file the index believes is in the spool."""
+        rows = await self.fetchall("SELECT sop_instance_uid FROM instances WHERE file_state = 'stored'")
+        return {row[0] for row in rows}
+
+    async def mark_missing(self, uids: Iterable[str]) -> int:
+        """Flag rows whose file is gone, and fail their open deliveries so an operator sees them."""
+        params = [(uid,) for uid in uids]
+        if not params:
+            return 0
+        now = time.time()
+        await self.db.execute("BEGIN IMMEDIATE")
+        await self.db.executemany(
+            "UPDATE instances SET file_state = 'missing' WHERE sop_instance_uid = ?", params
+        )
+        await self.db.executemany(
+            "UPDATE deliveries SET state = 'failed', last_error = 'spool file missing', claim_id = NULL, "
+            "updated_at = ? WHERE state != 'done' AND instance_id = "
+            "(SELECT id FROM instances WHERE sop_instance_uid = ?)",
+            [(now, uid) for (uid,) in params],
+        )
+        await self.db.execute("COMMIT")
+        return len(params)
+
+    async def release_claims(self) -> int:
+        """Return deliveries claimed by a worker that died (crash) to pending; at-least-once from here."""
+        async with self.db.execute(
+            "UPDATE deliveries SET state = 'pending', claim_id = NULL WHERE state = 'in_flight'"
+        ) as cursor:
+            count = cursor.rowcount
+        await self.db.commit()
+        return count
+
+    # ---------------------------------------------------------------- reading
+    async def count_instances(self, file_state: FileState | None = None) -> int:
+        """Instances in the index (optionally only those in one file state)."""
+        if file_state is None:
+            return int(await self.scalar("SELECT count(*) FROM instances"))
+        return int(
+            await self.scalar("SELECT count(*) FROM instances WHERE file_state = ?", (file_state.value,))
+        )
+
+    async def delivery_counts(self) -> dict[tuple[str, DeliveryState], int]:
+        """Deliveries by (destination, state)."""
+        rows = await self.fetchall("SELECT destination, state, count(*) FROM deliveries GROUP BY 1, 2")
+        return {(row[0], DeliveryState(row[1])): row[2] for row in rows}
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    """Open a connection with the index's per-connection durability and locking settings."""
+    db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    await db.execute("PRAGMA journal_mode = WAL")
+    await db.execute("PRAGMA synchronous = FULL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+def _instance_params(instance: StoredInstance) -> dict[str, object]:
+    header = instance.header
+    return {
+        "uid": header.sop_instance_uid,
+        "sop_class": header.sop_class_uid,
+        "study": header.study_instance_uid,
+        "series": header.series_instance_uid,
+        "patient_id": header.patient_id,
+        "modality": header.modality,
+        "ts": instance.transfer_syntax_uid,
+        "size": instance.size_bytes,
+        "sha256": instance.sha256,
+        "file_name": instance.file_name,
+        "calling_ae": instance.calling_ae,
+        "peer": instance.peer_address,
+        "received_at": instance.received_at,
+    }

@@ -1,0 +1,517 @@
+"""The DICOM acceptor: access control, negotiation policy, C-ECHO and C-STORE into the spool.
+
+The durability contract lives here: a C-STORE-RSP with a success status goes out only after the object's
+file is fsynced and renamed (spool) and its row committed (index). Data set fragments are buffered per
+object and written by a worker thread in order; at most one write job per association is outstanding
+while the next chunk is read (double buffering), so memory per association is bounded by two chunks plus
+one PDU, and in total by `max_associations` times that.
+
+Imports: dul, spool, index, model, errors, config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
+from pynetdicom.dsutils import decode, encode
+
+from gateway.dul import (
+    AbortReason,
+    Accept,
+    Association,
+    LocalIdentity,
+    Reject,
+    Timeouts,
+    negotiate_contexts,
+)
+from gateway.errors import IndexDatabaseError, ProtocolError, StoreError
+from gateway.model import StoredInstance
+from gateway.spool import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    STATUS_INVALID_UID,
+    STATUS_OUT_OF_RESOURCES,
+    ObjectWriter,
+    Placement,
+    Spool,
+    encode_file_meta,
+    is_valid_uid,
+)
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import AsyncIterator, Callable
+
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.presentation import PresentationContext
+
+    from gateway.config import ReceiverConfig
+    from gateway.index import Index
+    from gateway.model import DuplicatePolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+C_STORE_RQ: Final = 0x0001
+C_ECHO_RQ: Final = 0x0030
+NO_DATASET: Final = 0x0101
+STATUS_SUCCESS: Final = 0x0000
+STATUS_UNRECOGNIZED_OPERATION: Final = 0x0211
+STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
+WRITE_CHUNK: Final = 1 << 20  # bytes gathered before a write job; small objects take a single job
+_UNCOMPRESSED: Final = [
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+]
+_TRANSFER_SYNTAXES: Final = _UNCOMPRESSED + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED]
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification, and every storage SOP class pynetdicom knows with every transfer syntax it knows.
+
+    The requestor may act as SCU only (role selection replies say so); compressed syntaxes are stored as
+    received, never transcoded.
+    """
+    contexts = [
+        build_context(str(cx.abstract_syntax), _TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+    ]
+    contexts.append(build_context(VERIFICATION_SOP_CLASS))
+    for cx in contexts:
+        cx.scu_role, cx.scp_role = True, False
+    return contexts
+
+
+class AccessPolicy:
+    """Deny-by-default access control and presentation negotiation for incoming associations."""
+
+    def __init__(self, config: ReceiverConfig, ae_title: str, active: Callable[[], int]) -> None:
+        self._config = config
+        self._ae_title = ae_title
+        self._active = active
+        self._supported = supported_contexts()
+        self._any_caller = config.allowed_calling_ae == ("*",)
+        self._callers = frozenset(config.allowed_calling_ae)
+
+    def negotiate(self, request: A_ASSOCIATE, protocol_version: int, peer: str) -> Accept | Reject:  # noqa: PLR0911 - one return per PS3.8 reason
+        """Reject with the PS3.8 result/source/reason that fits, or accept the negotiated contexts."""
+        called = request.called_ae_title.strip()
+        calling = request.calling_ae_title.strip()
+        if not protocol_version & 0x0001:
+            return Reject(1, 2, 2, f"protocol version {protocol_version} not supported")
+        if request.application_context_name != "1.2.840.10008.3.1.1.1":
+            return Reject(1, 1, 2, f"application context {request.application_context_name} not supported")
+        if not self._address_allowed(peer):
+            return Reject(1, 1, 1, "peer address not in allowed_networks")
+        if self._config.require_called_ae and called != self._ae_title:
+            return Reject(1, 1, 7, f"called AE title {called!r} is not ours")
+        if not self._any_caller and calling not in self._callers:
+            return Reject(1, 1, 3, f"calling AE title {calling!r} not in allowed_calling_ae")
+        if self._active() > self._config.max_associations:
+            return Reject(2, 3, 2, f"max_associations ({self._config.max_associations}) reached")
+        contexts, roles = negotiate_contexts(request, self._supported)
+        _prefer_requested_syntax(request, contexts, self._supported)
+        if not any(cx.result == 0 for cx in contexts):
+            return Reject(1, 1, 1, "no acceptable presentation context")
+        return Accept(contexts, roles)
+
+    def _address_allowed(self, peer: str) -> bool:
+        networks = self._config.allowed_networks
+        if not networks:
+            return True
+        host = peer.rsplit(":", 1)[0].strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
+
+
+def _prefer_requested_syntax(
+    request: A_ASSOCIATE, results: list[PresentationContext], supported: list[PresentationContext]
+) -> None:
+    """Take the requestor's first supported transfer syntax: it sends what it has, and we store that."""
+    proposed = {cx.context_id: cx for cx in request.presentation_context_definition_list}
+    ours = {str(cx.abstract_syntax): set(cx.transfer_syntax) for cx in supported}
+    for cx in results:
+        rq = proposed.get(cx.context_id)
+        if cx.result != 0 or rq is None:
+            continue
+        for syntax in rq.transfer_syntax:
+            if syntax in ours.get(str(cx.abstract_syntax), set()):
+                cx.transfer_syntax = [syntax]
+                break
+
+
+@dataclass(slots=True)
+class _Command:
+    """The fields of a request command set that the receiver uses."""
+
+    field: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    has_dataset: bool
+
+
+def _parse_command(raw: bytes) -> _Command:
+    try:
+        ds = decode(BytesIO(raw), is_implicit_vr=True, is_little_endian=True)
+        return _Command(
+            field=int(ds.CommandField),
+            message_id=int(ds.MessageID),
+            sop_class_uid=str(ds.get("AffectedSOPClassUID", "")).strip(),
+            sop_instance_uid=str(ds.get("AffectedSOPInstanceUID", "")).strip(),
+            has_dataset=int(ds.CommandDataSetType) != NO_DATASET,
+        )
+    except Exception as exc:  # a malformed command set is a protocol error, whatever pydicom raised
+        raise ProtocolError(
+            f"malformed command set ({exc.__class__.__name__})", AbortReason.INVALID_PARAMETER
+        ) from exc
+
+
+def encode_response(command: _Command, status: int, comment: str = "") -> bytes:
+    """A response command set (implicit VR little endian, with its group length)."""
+    ds = Dataset()
+    if command.sop_class_uid:
+        ds.AffectedSOPClassUID = command.sop_class_uid
+    ds.CommandField = command.field | 0x8000
+    ds.MessageIDBeingRespondedTo = command.message_id
+    ds.CommandDataSetType = NO_DATASET
+    ds.Status = status
+    if command.field == C_STORE_RQ and command.sop_instance_uid:
+        ds.AffectedSOPInstanceUID = command.sop_instance_uid
+    if comment:
+        ds.ErrorComment = comment[:64]
+    body = encode(ds, is_implicit_vr=True, is_little_endian=True)
+    group = Dataset()
+    group.CommandGroupLength = len(body or b"")
+    return (encode(group, is_implicit_vr=True, is_little_endian=True) or b"") + (body or b"")
+
+
+class _Incoming:
+    """One C-STORE's data set on its way to the spool (or to the bin, when refused)."""
+
+    def __init__(
+        self, command: _Command, context_id: int, writer: ObjectWriter | None, error: StoreError | None
+    ) -> None:
+        self.command = command
+        self.context_id = context_id
+        self.writer = writer
+        self.error = error
+        self.buffer = bytearray()
+        self.job: asyncio.Future[None] | None = None
+
+
+class StoreService:
+    """The DIMSE side of one association: C-ECHO, C-STORE, and the answers per the durability contract."""
+
+    def __init__(self, association: Association, receiver: Receiver) -> None:
+        self._association = association
+        self._receiver = receiver
+        self._current: _Incoming | None = None
+        self.stored = 0
+
+    async def on_command(self, context_id: int, command: bytes) -> None:
+        """Dispatch one request."""
+        if self._current is not None:
+            raise ProtocolError(
+                "command received while a data set was expected", AbortReason.UNEXPECTED_PARAMETER
+            )
+        request = _parse_command(command)
+        abstract = str(self._association.contexts[context_id].abstract_syntax)
+        if request.field == C_ECHO_RQ and not request.has_dataset:
+            await self._respond(context_id, request, STATUS_SUCCESS)
+        elif request.field == C_STORE_RQ and request.has_dataset:
+            self._current = self._start_store(context_id, request, abstract)
+        elif request.has_dataset:  # not ours: swallow its data set, then refuse
+            error = StoreError(
+                STATUS_UNRECOGNIZED_OPERATION, f"operation 0x{request.field:04x} not supported"
+            )
+            self._current = _Incoming(request, context_id, None, error)
+        else:
+            await self._respond(context_id, request, STATUS_UNRECOGNIZED_OPERATION, "operation not supported")
+
+    def _start_store(self, context_id: int, request: _Command, abstract: str) -> _Incoming:
+        receiver = self._receiver
+        uid = request.sop_instance_uid
+        if request.sop_class_uid != abstract:
+            error = StoreError(
+                STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context"
+            )
+            return _Incoming(request, context_id, None, error)
+        if not is_valid_uid(uid):
+            log.warning("Refusing C-STORE from %s: invalid Affected SOP Instance UID", self._association.peer)
+            return _Incoming(
+                request, context_id, None, StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID")
+            )
+        if not receiver.spool.has_room():
+            error = StoreError(STATUS_OUT_OF_RESOURCES, "free-space reserve reached", uid)
+            return _Incoming(request, context_id, None, error)
+        syntax = str(self._association.contexts[context_id].transfer_syntax[0])
+        meta = encode_file_meta(abstract, uid, syntax, self._association.calling_ae)
+        return _Incoming(request, context_id, receiver.spool.open_object(uid, meta), None)
+
+    async def on_dataset(self, context_id: int, fragment: memoryview, last: bool) -> None:
+        """Gather a fragment; write in chunks off the loop; on the last one, make it durable and answer."""
+        incoming = self._current
+        if incoming is None or incoming.context_id != context_id:
+            raise ProtocolError(
+                "data set fragment without a matching command", AbortReason.UNEXPECTED_PARAMETER
+            )
+        if incoming.error is None:
+            incoming.buffer += fragment
+            if len(incoming.buffer) >= WRITE_CHUNK and not last:
+                await self._write_chunk(incoming)
+        if last:
+            self._current = None
+            status, comment = await self._finish(incoming)
+            await self._respond(context_id, incoming.command, status, comment)
+
+    async def _write_chunk(self, incoming: _Incoming) -> None:
+        """Start writing the gathered bytes, after the previous chunk's write is done (order, bound)."""
+        await self._settle(incoming)
+        if incoming.error is not None or incoming.writer is None:
+            return
+        chunk, incoming.buffer = incoming.buffer, bytearray()
+        incoming.job = self._receiver.run_blocking(incoming.writer.write, chunk)
+
+    async def _settle(self, incoming: _Incoming) -> None:
+        if incoming.job is None:
+            return
+        job, incoming.job = incoming.job, None
+        try:
+            await job
+        except StoreError as exc:
+            incoming.error = exc
+            incoming.buffer = bytearray()
+
+    async def _finish(self, incoming: _Incoming) -> tuple[int, str]:
+        await self._settle(incoming)
+        writer = incoming.writer
+        if incoming.error is not None or writer is None:
+            error = incoming.error or StoreError(STATUS_OUT_OF_RESOURCES, "not stored")
+            self._receiver.note_failure(self._association, error)
+            return error.status, str(error)
+        receiver = self._receiver
+        try:
+            async with receiver.uid_lock(writer.uid):
+                if incoming.buffer:
+                    await receiver.run_blocking(writer.write, incoming.buffer)
+                finished = await receiver.run_blocking(writer.finish, receiver.duplicate_policy)
+                if finished.placement is not Placement.KEPT_FIRST:
+                    instance = StoredInstance(
+                        header=finished.header,
+                        transfer_syntax_uid=str(
+                            self._association.contexts[incoming.context_id].transfer_syntax[0]
+                        ),
+                        size_bytes=finished.size_bytes,
+                        sha256=finished.sha256,
+                        file_name=finished.file_name,
+                        calling_ae=self._association.calling_ae,
+                        peer_address=self._association.peer,
+                        received_at=time.time(),
+                    )
+                    await receiver.commit(instance, finished.placement)
+        except StoreError as exc:
+            receiver.note_failure(self._association, exc)
+            return exc.status, str(exc)
+        self.stored += 1
+        return STATUS_SUCCESS, ""
+
+    async def _respond(self, context_id: int, request: _Command, status: int, comment: str = "") -> None:
+        await self._association.send_message(
+            context_id, encode_response(request, status, comment), command=True
+        )
+
+    async def on_close(self, clean: bool) -> None:
+        """Drop a half-received object: its temporary file must not survive the association."""
+        incoming, self._current = self._current, None
+        if incoming is not None:
+            with contextlib.suppress(StoreError):
+                await self._settle(incoming)
+            if incoming.writer is not None:
+                await self._receiver.run_blocking(incoming.writer.discard)
+        log.info(
+            "Association from %s (%s) ended%s: %d stored",
+            self._association.peer,
+            self._association.calling_ae,
+            "" if clean else " abnormally",
+            self.stored,
+        )
+
+
+class _UidLocks:
+    """One lock per SOP Instance UID in progress, so two associations never place the same UID at once."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, uid: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(uid, (asyncio.Lock(), 0))
+        self._locks[uid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[uid]
+            if users == 1:
+                del self._locks[uid]
+            else:
+                self._locks[uid] = (lock, users - 1)
+
+
+class Receiver:
+    """The listening acceptor: owns the server socket, the connection tasks and the file-work threads."""
+
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        ae_title: str,
+        spool: Spool,
+        index: Index,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.index = index
+        self.duplicate_policy: DuplicatePolicy = config.duplicate_policy
+        self._ssl = ssl_context
+        self._policy = AccessPolicy(config, ae_title, lambda: len(self._associations))
+        self._identity = LocalIdentity(
+            IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, config.max_pdu_length
+        )
+        self._timeouts = Timeouts(acse=config.acse_timeout, network=config.network_timeout)
+        self._pool = ThreadPoolExecutor(max_workers=config.max_associations + 2, thread_name_prefix="spool")
+        self._connections: set[asyncio.Task[None]] = set()
+        self._associations: set[Association] = set()
+        self._locks = _UidLocks()
+        self._server: asyncio.Server | None = None
+        self.listening = asyncio.Event()
+        self.stored = 0
+        self.failures = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("receiver is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def run_blocking(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Run blocking file work in the receiver's threads."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def uid_lock(self, uid: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Serialize placement of one SOP Instance UID across associations."""
+        return self._locks.hold(uid)
+
+    async def commit(self, instance: StoredInstance, placement: Placement) -> None:
+        """Commit the row; if that fails, take a newly placed file back out (no unacknowledged orphans)."""
+        try:
+            await self.index.record(instance)
+        except IndexDatabaseError as exc:
+            if placement is Placement.NEW:
+                await self.run_blocking(self.spool.delete, instance.file_name)
+            raise StoreError(
+                STATUS_OUT_OF_RESOURCES, "index unavailable", instance.header.sop_instance_uid
+            ) from exc
+        self.stored += 1
+
+    def note_failure(self, association: Association, error: StoreError) -> None:
+        """Count and log a refused object (UIDs may be logged; patient data never is)."""
+        self.failures += 1
+        log.warning(
+            "C-STORE from %s (%s) refused with 0x%04X: %s",
+            association.peer,
+            association.calling_ae,
+            error.status,
+            error,
+        )
+
+    async def run(self) -> None:
+        """Listen and serve until cancelled; then stop listening and abort what is still open."""
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            self.config.host,
+            self.config.port,
+            ssl=self._ssl,
+            ssl_handshake_timeout=self.config.acse_timeout if self._ssl else None,
+            backlog=64,
+            limit=1 << 18,
+        )
+        log.info(
+            "Receiver listening on %s:%d (TLS %s)", self.config.host, self.port, "on" if self._ssl else "off"
+        )
+        self.listening.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self._close()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; associations in progress go on."""
+        if self._server is not None:
+            self._server.close()
+        self.listening.clear()
+
+    async def drain(self, grace: float) -> bool:
+        """Ask idle associations to release and wait up to `grace` seconds for all to end; True if all did."""
+        self.stop_accepting()
+        for association in list(self._associations):
+            with contextlib.suppress(Exception):
+                await association.request_release()
+        if not self._connections:
+            return True
+        _, pending = await asyncio.wait(set(self._connections), timeout=grace)
+        return not pending
+
+    async def _close(self) -> None:
+        self.stop_accepting()
+        tasks = set(self._connections)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._pool.shutdown(wait=True)
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - always inside the server's task
+        self._connections.add(task)  # a strong reference until it ends (unreferenced tasks can be collected)
+        try:
+            raw = writer.get_extra_info("socket")
+            if raw is not None:  # Nagle + delayed ACK would cost 40-70 ms per response
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer_info = writer.get_extra_info("peername")
+            peer = f"{peer_info[0]}:{peer_info[1]}" if peer_info else "unknown"
+            if len(self._connections) > 2 * self.config.max_associations + 8:
+                log.warning("Dropping connection from %s: too many open connections", peer)
+                writer.close()
+                return
+            association = Association(reader, writer, peer, self._timeouts, self._identity)
+            self._associations.add(association)
+            try:
+                await association.serve(self._policy, lambda a: StoreService(a, self))
+            finally:
+                self._associations.discard(association)
+        finally:
+            self._connections.discard(task)

@@ -1,0 +1,323 @@
+"""The on-disk spool: durable adoption of received objects, UID-named files, the free-space reserve.
+
+Every method of `ObjectWriter` and `Spool` that touches the disk is blocking and is meant to run in a
+worker thread, never on the event loop. Layout: one flat directory of ``<SOP Instance UID>.dcm`` files,
+temporary files ``.tmp.<uid>.<random>`` beside them (so a rename never crosses a directory, and one
+directory fsync makes a whole group of renames durable).
+
+Imports: model, errors (and pydicom for the file meta and the header read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from gateway.errors import StoreError
+from gateway.model import DuplicatePolicy, InstanceHeader
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+# Our implementation class UID, generated once under pydicom's root from a fixed entropy source.
+IMPLEMENTATION_CLASS_UID: Final = "1.2.826.0.1.3680043.8.498.29945370796021960805521038944648247226"
+IMPLEMENTATION_VERSION_NAME: Final = "DICOM_GW_010"
+
+# DIMSE statuses that the spool decides (see PS3.4 Annex B.2.3).
+STATUS_OUT_OF_RESOURCES: Final = 0xA700
+STATUS_DATASET_MISMATCH: Final = 0xA900
+STATUS_CANNOT_UNDERSTAND: Final = 0xC000
+STATUS_INVALID_UID: Final = 0xC001
+STATUS_DUPLICATE: Final = 0x0111
+
+SUFFIX: Final = ".dcm"
+TEMP_PREFIX: Final = ".tmp."
+# A UID names a file only if it passes the grammar: digit components separated by single dots, <= 64 chars.
+_UID_GRAMMAR: Final = re.compile(r"[0-9]+(\.[0-9]+)*")
+_HEADER_TAGS: Final = [
+    0x00080016,  # SOP Class UID
+    0x00080018,  # SOP Instance UID
+    0x00080060,  # Modality
+    0x00100020,  # Patient ID
+    0x0020000D,  # Study Instance UID
+    0x0020000E,  # Series Instance UID
+]
+_PREAMBLE: Final = bytes(128)  # zeroed: a peer can never plant an executable header here
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True when `uid` follows the DICOM UID grammar closely enough to name a file safely."""
+    return 0 < len(uid) <= 64 and _UID_GRAMMAR.fullmatch(uid) is not None
+
+
+class Placement(enum.Enum):
+    """How a finished object relates to what the spool already held under its UID."""
+
+    NEW = "new"
+    IDENTICAL = "identical"  # same bytes again: nothing changes, nothing is re-queued
+    REPLACED = "replaced"  # different bytes, policy replace: the new file took the old one's place
+    KEPT_FIRST = "kept-first"  # different bytes, policy keep-first: the new bytes were dropped
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedObject:
+    """What the spool knows of an object once it is durable under its final name."""
+
+    header: InstanceHeader
+    file_name: str
+    size_bytes: int
+    sha256: str
+    placement: Placement
+
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
+) -> bytes:
+    """Preamble, prefix and file meta group for one object, encoded by pydicom."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buffer = BytesIO()
+    buffer.write(_PREAMBLE + b"DICM")
+    write_file_meta_info(DicomFileLike(buffer), meta)
+    return buffer.getvalue()
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Read the indexed attributes of a stored file, stopping before the pixel data."""
+    return _header_of(dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS))
+
+
+def read_stored_file(path: Path) -> tuple[InstanceHeader, str, str]:
+    """Header, transfer syntax and source AE title of a spool file (for re-indexing an orphan)."""
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    meta = ds.file_meta
+    return (
+        _header_of(ds),
+        str(meta.TransferSyntaxUID),
+        str(meta.get("SourceApplicationEntityTitle", "")).strip(),
+    )
+
+
+def _header_of(ds: Dataset) -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        modality=str(ds.get("Modality", "")),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a whole file, read in chunks so large objects never sit in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        while chunk := fp.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Spool:
+    """The spool directory: names, the free-space reserve, directory syncs and the recovery sweep."""
+
+    def __init__(self, directory: Path, min_free_bytes: int) -> None:
+        self.directory = directory
+        self.min_free_bytes = min_free_bytes
+
+    def prepare(self) -> None:
+        """Create the directory (mode 0700) and make its entry durable."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _fsync_directory(self.directory.parent)
+
+    def path_for(self, file_name: str) -> Path:
+        """The path of a spool file given its stored name."""
+        return self.directory / file_name
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process on the spool's file system."""
+        stats = os.statvfs(self.directory)
+        return stats.f_bavail * stats.f_frsize
+
+    def used_bytes(self) -> int:
+        """Bytes taken by the spool's files (a directory walk: for status, not for hot paths)."""
+        return sum(entry.stat().st_size for entry in os.scandir(self.directory) if entry.is_file())
+
+    def has_room(self, extra_bytes: int = 0) -> bool:
+        """True when writing `extra_bytes` more would keep the free-space reserve."""
+        return self.free_bytes() - extra_bytes >= self.min_free_bytes
+
+    def sync_directory(self) -> None:
+        """Make every rename into the spool so far durable (one fsync serves a whole group)."""
+        _fsync_directory(self.directory)
+
+    def open_object(self, sop_instance_uid: str, meta: bytes) -> ObjectWriter:
+        """Start a temporary file for one object; the UID must already be validated."""
+        if not is_valid_uid(sop_instance_uid):
+            raise StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID", sop_instance_uid)
+        return ObjectWriter(self, sop_instance_uid, meta)
+
+    def remove_temp_files(self) -> int:
+        """Delete temporary files left by a crash; returns how many were removed."""
+        removed = 0
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(TEMP_PREFIX):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            self.sync_directory()
+        return removed
+
+    def stored_uids(self) -> Iterator[str]:
+        """SOP Instance UIDs of the files in the spool (names not of our making are skipped)."""
+        for entry in os.scandir(self.directory):
+            name = entry.name
+            if name.endswith(SUFFIX) and is_valid_uid(uid := name.removesuffix(SUFFIX)):
+                yield uid
+
+    def delete(self, file_name: str) -> None:
+        """Remove a delivered file (retention); a file already gone is not an error."""
+        self.path_for(file_name).unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _out_of_resources(exc: OSError, uid: str) -> StoreError:
+    reason = "spool file system full" if exc.errno == errno.ENOSPC else f"spool I/O error ({exc.strerror})"
+    return StoreError(STATUS_OUT_OF_RESOURCES, reason, uid)
+
+
+class ObjectWriter:
+    """One object on its way into the spool: a private temporary file written in order, then adopted.
+
+    The file is created lazily by the first `write`, so a refused object costs no file at all. Any failure
+    removes the temporary file; nothing half-written is ever visible under a final name.
+    """
+
+    def __init__(self, spool: Spool, sop_instance_uid: str, meta: bytes) -> None:
+        self._spool = spool
+        self.uid = sop_instance_uid
+        self.file_name = sop_instance_uid + SUFFIX
+        self._temp = spool.directory / f"{TEMP_PREFIX}{sop_instance_uid}.{secrets.token_hex(4)}"
+        self._fd: int | None = None
+        self._digest = hashlib.sha256()
+        self._pending_meta = meta
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append data set bytes (blocking); the reserve is checked before each chunk."""
+        if not self._spool.has_room(len(data) + len(self._pending_meta)):
+            self.discard()
+            raise StoreError(STATUS_OUT_OF_RESOURCES, "free-space reserve reached", self.uid)
+        try:
+            if self._fd is None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                self._fd = os.open(self._temp, flags, 0o600)
+            if self._pending_meta:
+                self._write_all(self._pending_meta)
+                self._pending_meta = b""
+            self._write_all(data)
+        except OSError as exc:
+            self.discard()
+            raise _out_of_resources(exc, self.uid) from exc
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None  # noqa: S101 - write() opened it
+        self._digest.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += len(data)
+
+    def finish(self, policy: DuplicatePolicy) -> FinishedObject:
+        """Validate, fsync and rename into place under the duplicate policy (blocking).
+
+        Raises:
+            StoreError: with the status the peer gets; the temporary file is gone by then.
+        """
+        try:
+            if self._fd is None or self._pending_meta:
+                self.write(b"")  # an empty data set still gets its file, and is then refused below
+            header = self._validated_header()
+            assert self._fd is not None  # noqa: S101 - write() opened it
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            sha256 = self._digest.hexdigest()
+            placement = self._place(sha256, policy)
+        except OSError as exc:
+            # An fsync failure is final for this object: the page cache may have dropped the data.
+            self.discard()
+            raise _out_of_resources(exc, self.uid) from exc
+        except StoreError:
+            self.discard()
+            raise
+        return FinishedObject(header, self.file_name, self.size, sha256, placement)
+
+    def _validated_header(self) -> InstanceHeader:
+        try:
+            header = read_header(self._temp)
+        except Exception as exc:  # pydicom raises many types on hostile bytes: all mean "unreadable"
+            raise StoreError(
+                STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(exc).__name__})", self.uid
+            ) from exc
+        if header.sop_instance_uid != self.uid:
+            raise StoreError(
+                STATUS_DATASET_MISMATCH, "data set SOP Instance UID differs from the command's", self.uid
+            )
+        return header
+
+    def _place(self, sha256: str, policy: DuplicatePolicy) -> Placement:
+        final = self._spool.path_for(self.file_name)
+        if not final.exists():
+            self._temp.rename(final)
+            return Placement.NEW
+        if file_sha256(final) == sha256:
+            self._temp.unlink()
+            return Placement.IDENTICAL
+        if policy is DuplicatePolicy.REPLACE:
+            self._temp.rename(final)
+            return Placement.REPLACED
+        self._temp.unlink()
+        if policy is DuplicatePolicy.KEEP_FIRST:
+            return Placement.KEPT_FIRST
+        raise StoreError(STATUS_DUPLICATE, "duplicate SOP Instance UID with different content", self.uid)
+
+    def discard(self) -> None:
+        """Drop the temporary file (blocking); safe to call more than once."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            self._temp.unlink()
