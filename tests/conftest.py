@@ -1,0 +1,136 @@
+"""Shared fixtures: a real gateway process on a free loopback port, its config and state, and helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from simulators.harness import ManagedProcess, free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+GATEWAY_AE = "EDGE_GW"
+SCANNER_AE = "CT_SCANNER_1"
+# DCMTK tools leave Nagle on unless told: each C-STORE would wait 40-70 ms for a delayed ACK.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+READY_LINE = r"Gateway \S+ ready"
+
+
+def require_tools(*names: str) -> None:
+    """Fail (never skip) when a peer tool is missing: `make test` installs them."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run `make test`, which installs the Debian packages")
+
+
+@dataclass
+class GatewaySetup:
+    """Where one test gateway keeps its config and state, and the port it listens on."""
+
+    config: Path
+    state_dir: Path
+    port: int
+
+    @property
+    def spool(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def index(self) -> Path:
+        return self.state_dir / "index.sqlite"
+
+    def rows(
+        self, sql: str = "SELECT * FROM instances", params: tuple[object, ...] = ()
+    ) -> list[sqlite3.Row]:
+        """Query the index with a plain reader connection (as the CLI would, beside the daemon)."""
+        db = sqlite3.connect(self.index)
+        db.row_factory = sqlite3.Row
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def spool_files(self) -> list[Path]:
+        return sorted(self.spool.iterdir()) if self.spool.exists() else []
+
+    def process(self, *, timeout: float = 30.0) -> ManagedProcess:
+        """A gateway process for this setup (not started yet)."""
+        return ManagedProcess(
+            [sys.executable, "-m", "gateway", "-c", str(self.config), "run"],
+            ready_line=READY_LINE,
+            timeout=timeout,
+            env={"PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+        )
+
+
+def write_config(
+    directory: Path,
+    *,
+    port: int | None = None,
+    allowed_calling_ae: tuple[str, ...] = (SCANNER_AE, "STORESCU", "ECHOSCU"),
+    min_free_bytes: str = "1MB",
+    receiver_extra: str = "",
+    sections: str = "",
+) -> GatewaySetup:
+    """Write a gateway config for tests: loopback, a free port, state under `directory`."""
+    port = port or free_port()
+    state_dir = directory / "state"
+    callers = ", ".join(f'"{ae}"' for ae in allowed_calling_ae)
+    config = directory / "gateway.toml"
+    config.write_text(
+        f"""
+[gateway]
+node_id = "test-node"
+ae_title = "{GATEWAY_AE}"
+state_dir = "{state_dir}"
+min_free_bytes = "{min_free_bytes}"
+log_level = "info"
+
+[receiver]
+host = "127.0.0.1"
+port = {port}
+allowed_calling_ae = [{callers}]
+acse_timeout = "10s"
+network_timeout = "20s"
+{receiver_extra}
+
+[metrics]
+enabled = false
+{sections}
+""",
+        encoding="utf-8",
+    )
+    return GatewaySetup(config=config, state_dir=state_dir, port=port)
+
+
+@pytest.fixture
+def gateway_setup(tmp_path: Path) -> GatewaySetup:
+    return write_config(tmp_path)
+
+
+@pytest.fixture
+def gateway(gateway_setup: GatewaySetup) -> Iterator[ManagedProcess]:
+    """A running gateway process; stopped with SIGTERM at the end of the test."""
+    with gateway_setup.process() as process:  # entering starts it and waits for the ready line
+        yield process
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a DICOM file: everything after preamble, prefix and file meta group."""
+    raw = path.read_bytes()
+    if raw[128:132] != b"DICM":
+        raise AssertionError(f"{path.name}: no DICM prefix")
+    # (0002,0000) UL, explicit VR little endian: tag(4) VR(2) length(2) value(4)
+    (group_length,) = struct.unpack_from("<I", raw, 132 + 8)
+    return raw[132 + 12 + group_length :]
