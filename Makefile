@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Installs the Debian packages the tests need, only when one is missing (needs root).
+# python3-venv too, where the interpreter cannot make a venv (Debian splits it out).
 debs:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+	@missing=""; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="python3-venv"; \
+	for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -27,7 +30,7 @@ debs:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: venv debs
+test: debs venv
 	$(BIN)/pytest -q
 
 lint: venv
@@ -44,7 +47,7 @@ typecheck: venv
 demo: venv
 	$(BIN)/python -m simulators.demo
 
-bench: venv debs
+bench: debs venv
 	$(BIN)/python -m bench.run
 
 clean:

@@ -16,6 +16,7 @@ Imports: aiosqlite, model, errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import sqlite3
@@ -69,17 +70,26 @@ _MIGRATIONS: Final[dict[int, str]] = {
         PRIMARY KEY (instance_id, destination)
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_due ON deliveries(destination, state, next_attempt_at);
+    CREATE TABLE destinations (name TEXT PRIMARY KEY) WITHOUT ROWID;
+    -- Every new instance gets one pending delivery per configured destination.
+    CREATE TRIGGER instance_added AFTER INSERT ON instances BEGIN
+        INSERT INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
+        SELECT NEW.id, name, 'pending', 0, NEW.received_at, NEW.received_at FROM destinations;
+    END;
+    -- Different bytes under a known UID (the spool replaced the file), or a file that had gone missing
+    -- and came again: deliveries start over and any claim is void, so a forwarder still sending the old
+    -- bytes cannot mark the new ones done.
+    CREATE TRIGGER instance_changed AFTER UPDATE OF sha256, file_state ON instances
+    WHEN OLD.sha256 != NEW.sha256 OR OLD.file_state = 'missing' BEGIN
+        UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = NEW.received_at,
+            claim_id = NULL, last_status = NULL, last_error = NULL, updated_at = NEW.received_at
+        WHERE instance_id = NEW.id;
+        INSERT OR IGNORE INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
+        SELECT NEW.id, name, 'pending', 0, NEW.received_at, NEW.received_at FROM destinations;
+    END;
     """,
 }
 
-# A SOP Instance UID received again with different bytes (the spool replaced the file) starts its deliveries
-# again and voids any claim, so a forwarder still sending the old bytes cannot mark the new ones done. This
-# runs before the instance row is updated, while the old hash is still there to compare.
-_REQUEUE_CHANGED: Final = """
-UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = :now, claim_id = NULL,
-    last_status = NULL, last_error = NULL, updated_at = :now
-WHERE instance_id = (SELECT id FROM instances WHERE sop_instance_uid = :uid AND sha256 != :sha256)
-"""
 _UPSERT_INSTANCE: Final = """
 INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, patient_id,
     modality, transfer_syntax_uid, size_bytes, sha256, file_name, file_state, calling_ae, peer_address,
@@ -94,11 +104,6 @@ ON CONFLICT (sop_instance_uid) DO UPDATE SET
     file_state = 'stored', calling_ae = excluded.calling_ae, peer_address = excluded.peer_address,
     received_at = excluded.received_at
 WHERE excluded.sha256 != instances.sha256 OR instances.file_state != 'stored'
-"""
-_INSERT_DELIVERY: Final = """
-INSERT INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
-SELECT id, :destination, 'pending', 0, :now, :now FROM instances WHERE sop_instance_uid = :uid
-ON CONFLICT (instance_id, destination) DO NOTHING
 """
 
 
@@ -144,6 +149,7 @@ class Index:
         """Open (creating or migrating) the database with the durability settings above."""
         self._db = await connect(self.path)
         await self._migrate()
+        await self._set_destinations()
 
     async def close(self) -> None:
         """Close the connection; rows still waiting for a commit get an error."""
@@ -169,6 +175,14 @@ class Index:
             await self.db.executescript(
                 f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target}; COMMIT;"
             )
+
+    async def _set_destinations(self) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+        await self.db.execute("DELETE FROM destinations")
+        await self.db.executemany(
+            "INSERT INTO destinations (name) VALUES (?)", [(n,) for n in self.destinations]
+        )
+        await self.db.execute("COMMIT")
 
     async def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:  # noqa: ANN401
         """First column of the first row, or None."""
@@ -203,7 +217,6 @@ class Index:
 
     async def _commit_batch(self, batch: list[_PendingRow]) -> None:
         try:
-            await asyncio.to_thread(self._before_commit)
             await self._write(batch)
         except (OSError, sqlite3.Error) as exc:
             log.error("Index commit of %d rows failed: %s", len(batch), exc)  # noqa: TRY400 - cause is in exc
@@ -217,26 +230,23 @@ class Index:
                 row.done.set_result(None)
 
     async def _write(self, batch: list[_PendingRow]) -> None:
-        now = time.time()
-        instances = [_instance_params(row.instance) for row in batch]
-        changed = [{"uid": p["uid"], "sha256": p["sha256"], "now": now} for p in instances]
-        deliveries = [
-            {"uid": p["uid"], "destination": name, "now": now}
-            for p in instances
-            for name in self.destinations
-        ]
+        """One transaction for the batch; the directory fsync overlaps the statements, never the COMMIT."""
         db = self.db
-        await db.execute("BEGIN IMMEDIATE")
+        synced = asyncio.ensure_future(asyncio.to_thread(self._before_commit))
         try:
-            if deliveries:
-                await db.executemany(_REQUEUE_CHANGED, changed)
-            await db.executemany(_UPSERT_INSTANCE, instances)
-            if deliveries:
-                await db.executemany(_INSERT_DELIVERY, deliveries)
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(_UPSERT_INSTANCE, [_instance_params(row.instance) for row in batch])
+                await synced  # renames durable before any row says the file exists
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        finally:
+            if not synced.done():
+                synced.cancel()
+            with contextlib.suppress(BaseException):
+                await synced
 
     # ---------------------------------------------------------------- recovery
     async def stored_uids(self) -> set[str]:

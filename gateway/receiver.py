@@ -42,10 +42,10 @@ from gateway.spool import (
     IMPLEMENTATION_VERSION_NAME,
     STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
+    FileMetaSpec,
     ObjectWriter,
     Placement,
     Spool,
-    encode_file_meta,
     is_valid_uid,
 )
 
@@ -260,11 +260,8 @@ class StoreService:
             return _Incoming(
                 request, context_id, None, StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID")
             )
-        if not receiver.spool.has_room():
-            error = StoreError(STATUS_OUT_OF_RESOURCES, "free-space reserve reached", uid)
-            return _Incoming(request, context_id, None, error)
         syntax = str(self._association.contexts[context_id].transfer_syntax[0])
-        meta = encode_file_meta(abstract, uid, syntax, self._association.calling_ae)
+        meta = FileMetaSpec(abstract, uid, syntax, self._association.calling_ae)
         return _Incoming(request, context_id, receiver.spool.open_object(uid, meta), None)
 
     async def on_dataset(self, context_id: int, fragment: memoryview, last: bool) -> None:
@@ -311,9 +308,8 @@ class StoreService:
         receiver = self._receiver
         try:
             async with receiver.uid_lock(writer.uid):
-                if incoming.buffer:
-                    await receiver.run_blocking(writer.write, incoming.buffer)
-                finished = await receiver.run_blocking(writer.finish, receiver.duplicate_policy)
+                policy = receiver.duplicate_policy
+                finished = await receiver.run_blocking(writer.finish, policy, incoming.buffer)
                 if finished.placement is not Placement.KEPT_FIRST:
                     instance = StoredInstance(
                         header=finished.header,

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, Final
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from gateway.errors import StoreError
 from gateway.model import DuplicatePolicy, InstanceHeader
@@ -60,6 +62,8 @@ _HEADER_TAGS: Final = [
     0x0020000D,  # Study Instance UID
     0x0020000E,  # Series Instance UID
 ]
+_LAST_HEADER_TAG: Final = max(_HEADER_TAGS)
+_HEAD_BYTES: Final = 64 * 1024  # the data set's first bytes, kept to read the header without a file read
 _PREAMBLE: Final = bytes(128)  # zeroed: a peer can never plant an executable header here
 
 
@@ -88,18 +92,35 @@ class FinishedObject:
     placement: Placement
 
 
+@dataclass(frozen=True, slots=True)
+class FileMetaSpec:
+    """What the file meta of one received object says; encoded in a worker thread, off the event loop."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    source_ae: str
+
+    def encode(self) -> bytes:
+        """Preamble, prefix and file meta group."""
+        return encode_file_meta(
+            self.sop_class_uid, self.sop_instance_uid, self.transfer_syntax_uid, self.source_ae
+        )
+
+
 def encode_file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
 ) -> bytes:
     """Preamble, prefix and file meta group for one object, encoded by pydicom."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.add_new(0x00020001, "OB", b"\x00\x01")
+    meta.add_new(0x00020002, "UI", sop_class_uid)
+    meta.add_new(0x00020003, "UI", sop_instance_uid)
+    meta.add_new(0x00020010, "UI", transfer_syntax_uid)
+    meta.add_new(0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
+    meta.add_new(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
     if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
+        meta.add_new(0x00020016, "AE", source_ae)
     buffer = BytesIO()
     buffer.write(_PREAMBLE + b"DICM")
     write_file_meta_info(DicomFileLike(buffer), meta)
@@ -109,6 +130,38 @@ def encode_file_meta(
 def read_header(path: Path) -> InstanceHeader:
     """Read the indexed attributes of a stored file, stopping before the pixel data."""
     return _header_of(dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS))
+
+
+def parse_header(head: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
+    """Read the indexed attributes from the first bytes of an encoded data set (no file read).
+
+    Parsing stops at the first tag past the last attribute needed. Returns None when `head` is only a
+    prefix that ends before that point (the caller then reads the file); a `complete` data set is final.
+    """
+    syntax = UID(transfer_syntax_uid)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head, _HEAD_BYTES * 4)
+        complete = False
+    stopped = False
+
+    def past_header(tag: int, _vr: str | None, _length: int) -> bool:
+        nonlocal stopped
+        stopped = tag > _LAST_HEADER_TAG
+        return stopped
+
+    try:
+        ds = read_dataset(
+            BytesIO(head),
+            is_implicit_VR=syntax.is_implicit_VR,
+            is_little_endian=syntax.is_little_endian,
+            stop_when=past_header,
+        )
+        header = _header_of(ds)
+    except Exception:  # a prefix may end inside an element; a whole data set that fails is unreadable
+        if complete:
+            raise
+        return None
+    return header if stopped or complete else None
 
 
 def read_stored_file(path: Path) -> tuple[InstanceHeader, str, str]:
@@ -175,7 +228,7 @@ class Spool:
         """Make every rename into the spool so far durable (one fsync serves a whole group)."""
         _fsync_directory(self.directory)
 
-    def open_object(self, sop_instance_uid: str, meta: bytes) -> ObjectWriter:
+    def open_object(self, sop_instance_uid: str, meta: bytes | FileMetaSpec) -> ObjectWriter:
         """Start a temporary file for one object; the UID must already be validated."""
         if not is_valid_uid(sop_instance_uid):
             raise StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID", sop_instance_uid)
@@ -221,21 +274,27 @@ class ObjectWriter:
     """One object on its way into the spool: a private temporary file written in order, then adopted.
 
     The file is created lazily by the first `write`, so a refused object costs no file at all. Any failure
-    removes the temporary file; nothing half-written is ever visible under a final name.
+    removes the temporary file; nothing half-written is ever visible under a final name. Given a
+    `FileMetaSpec`, the meta is encoded and the header read from memory, in the writing thread.
     """
 
-    def __init__(self, spool: Spool, sop_instance_uid: str, meta: bytes) -> None:
+    def __init__(self, spool: Spool, sop_instance_uid: str, meta: bytes | FileMetaSpec) -> None:
         self._spool = spool
         self.uid = sop_instance_uid
         self.file_name = sop_instance_uid + SUFFIX
         self._temp = spool.directory / f"{TEMP_PREFIX}{sop_instance_uid}.{secrets.token_hex(4)}"
         self._fd: int | None = None
         self._digest = hashlib.sha256()
-        self._pending_meta = meta
+        self._meta_spec = meta if isinstance(meta, FileMetaSpec) else None
+        self._pending_meta = meta if isinstance(meta, bytes) else b""
+        self._head = b""
+        self._dataset_bytes = 0
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append data set bytes (blocking); the reserve is checked before each chunk."""
+        if self._meta_spec is not None and self._fd is None:
+            self._pending_meta = self._meta_spec.encode()
         if not self._spool.has_room(len(data) + len(self._pending_meta)):
             self.discard()
             raise StoreError(STATUS_OUT_OF_RESOURCES, "free-space reserve reached", self.uid)
@@ -246,6 +305,9 @@ class ObjectWriter:
             if self._pending_meta:
                 self._write_all(self._pending_meta)
                 self._pending_meta = b""
+            if len(self._head) < _HEAD_BYTES:
+                self._head += bytes(data[: _HEAD_BYTES - len(self._head)])
+            self._dataset_bytes += len(data)
             self._write_all(data)
         except OSError as exc:
             self.discard()
@@ -259,15 +321,15 @@ class ObjectWriter:
             view = view[os.write(self._fd, view) :]
         self.size += len(data)
 
-    def finish(self, policy: DuplicatePolicy) -> FinishedObject:
-        """Validate, fsync and rename into place under the duplicate policy (blocking).
+    def finish(self, policy: DuplicatePolicy, tail: bytes | bytearray = b"") -> FinishedObject:
+        """Write the last bytes, validate, fsync and rename into place under the duplicate policy (blocking).
 
         Raises:
             StoreError: with the status the peer gets; the temporary file is gone by then.
         """
+        if tail or self._fd is None:
+            self.write(tail)  # an empty data set still gets its file, and is then refused below
         try:
-            if self._fd is None or self._pending_meta:
-                self.write(b"")  # an empty data set still gets its file, and is then refused below
             header = self._validated_header()
             assert self._fd is not None  # noqa: S101 - write() opened it
             os.fsync(self._fd)
@@ -286,7 +348,12 @@ class ObjectWriter:
 
     def _validated_header(self) -> InstanceHeader:
         try:
-            header = read_header(self._temp)
+            header = None
+            if self._meta_spec is not None:
+                complete = self._dataset_bytes == len(self._head)
+                header = parse_header(self._head, self._meta_spec.transfer_syntax_uid, complete=complete)
+            if header is None:
+                header = read_header(self._temp)
         except Exception as exc:  # pydicom raises many types on hostile bytes: all mean "unreadable"
             raise StoreError(
                 STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(exc).__name__})", self.uid
