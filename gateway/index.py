@@ -84,7 +84,8 @@ _MIGRATIONS: Final[dict[int, str]] = {
         UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = NEW.received_at,
             claim_id = NULL, last_status = NULL, last_error = NULL, updated_at = NEW.received_at
         WHERE instance_id = NEW.id;
-        INSERT OR IGNORE INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
+        INSERT OR IGNORE INTO deliveries
+            (instance_id, destination, state, attempts, next_attempt_at, updated_at)
         SELECT NEW.id, name, 'pending', 0, NEW.received_at, NEW.received_at FROM destinations;
     END;
     """,
