@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from gateway.errors import IndexDatabaseError
 from gateway.model import DeliveryState, FileState, StoredInstance
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
     from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -74,19 +73,25 @@ _MIGRATIONS: Final[dict[int, str]] = {
     -- Every new instance gets one pending delivery per configured destination.
     CREATE TRIGGER instance_added AFTER INSERT ON instances BEGIN
         INSERT INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
-        SELECT NEW.id, name, 'pending', 0, NEW.received_at, NEW.received_at FROM destinations;
+        SELECT NEW.id, name, 'pending', 0, (julianday('now') - 2440587.5) * 86400.0,
+            (julianday('now') - 2440587.5) * 86400.0
+        FROM destinations;
     END;
     -- Different bytes under a known UID (the spool replaced the file), or a file that had gone missing
     -- and came again: deliveries start over and any claim is void, so a forwarder still sending the old
     -- bytes cannot mark the new ones done.
+    -- (A trigger's INSERT OR IGNORE would take the outer upsert's conflict policy: ON CONFLICT it is.)
     CREATE TRIGGER instance_changed AFTER UPDATE OF sha256, file_state ON instances
-    WHEN OLD.sha256 != NEW.sha256 OR OLD.file_state = 'missing' BEGIN
-        UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = NEW.received_at,
-            claim_id = NULL, last_status = NULL, last_error = NULL, updated_at = NEW.received_at
+    WHEN OLD.sha256 != NEW.sha256 OR (OLD.file_state = 'missing' AND NEW.file_state = 'stored') BEGIN
+        UPDATE deliveries SET state = 'pending', attempts = 0,
+            next_attempt_at = (julianday('now') - 2440587.5) * 86400.0, claim_id = NULL,
+            last_status = NULL, last_error = NULL, updated_at = (julianday('now') - 2440587.5) * 86400.0
         WHERE instance_id = NEW.id;
-        INSERT OR IGNORE INTO deliveries
-            (instance_id, destination, state, attempts, next_attempt_at, updated_at)
-        SELECT NEW.id, name, 'pending', 0, NEW.received_at, NEW.received_at FROM destinations;
+        INSERT INTO deliveries (instance_id, destination, state, attempts, next_attempt_at, updated_at)
+        SELECT NEW.id, name, 'pending', 0, (julianday('now') - 2440587.5) * 86400.0,
+            (julianday('now') - 2440587.5) * 86400.0
+        FROM destinations WHERE true
+        ON CONFLICT DO NOTHING;
     END;
     """,
 }
@@ -149,8 +154,12 @@ class Index:
     async def open(self) -> None:
         """Open (creating or migrating) the database with the durability settings above."""
         self._db = await connect(self.path)
-        await self._migrate()
-        await self._set_destinations()
+        try:
+            await self._migrate()
+            await self._set_destinations()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Close the connection; rows still waiting for a commit get an error."""
@@ -171,19 +180,33 @@ class Index:
         if version > 0:
             backup = self.path.with_name(f"{self.path.name}.v{version}.bak")
             log.warning("Migrating index schema %d -> %d; backup at %s", version, SCHEMA_VERSION, backup)
-            await asyncio.to_thread(shutil.copy2, self.path, backup)
+            # VACUUM INTO copies committed pages still in the WAL too, unlike a file copy.
+            await asyncio.to_thread(backup.unlink, missing_ok=True)
+            await self.db.execute("VACUUM INTO ?", (str(backup),))
         for target in range(version + 1, SCHEMA_VERSION + 1):
             await self.db.executescript(
                 f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target}; COMMIT;"
             )
 
     async def _set_destinations(self) -> None:
-        await self.db.execute("BEGIN IMMEDIATE")
-        await self.db.execute("DELETE FROM destinations")
-        await self.db.executemany(
-            "INSERT INTO destinations (name) VALUES (?)", [(n,) for n in self.destinations]
-        )
-        await self.db.execute("COMMIT")
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM destinations")
+            await db.executemany(
+                "INSERT INTO destinations (name) VALUES (?)", [(n,) for n in self.destinations]
+            )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (never left open)."""
+        db = self.db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
 
     async def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:  # noqa: ANN401
         """First column of the first row, or None."""
@@ -217,32 +240,39 @@ class Index:
                 await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[_PendingRow]) -> None:
+        """Commit one group; on cancellation, wait for its outcome, answer its rows truthfully, then stop."""
+        write = asyncio.ensure_future(self._write(batch))
         try:
-            await self._write(batch)
-        except (OSError, sqlite3.Error) as exc:
-            log.error("Index commit of %d rows failed: %s", len(batch), exc)  # noqa: TRY400 - cause is in exc
-            for row in batch:
-                if not row.done.done():
-                    row.done.set_exception(IndexDatabaseError(f"index commit failed: {exc}"))
-            return
-        self.commits += 1
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait({write})
+            self._answer(batch, write)
+            raise
+        except Exception:  # noqa: BLE001, S110 - the outcome is read from the task just below
+            pass
+        self._answer(batch, write)
+
+    def _answer(self, batch: list[_PendingRow], write: asyncio.Future[None]) -> None:
+        exc = write.exception()
+        if exc is None:
+            self.commits += 1
+        else:
+            log.error("Index commit of %d rows failed: %s", len(batch), exc)
         for row in batch:
-            if not row.done.done():
+            if row.done.done():
+                continue
+            if exc is None:
                 row.done.set_result(None)
+            else:
+                row.done.set_exception(IndexDatabaseError(f"index commit failed: {exc}"))
 
     async def _write(self, batch: list[_PendingRow]) -> None:
         """One transaction for the batch; the directory fsync overlaps the statements, never the COMMIT."""
-        db = self.db
         synced = asyncio.ensure_future(asyncio.to_thread(self._before_commit))
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self.transaction() as db:
                 await db.executemany(_UPSERT_INSTANCE, [_instance_params(row.instance) for row in batch])
                 await synced  # renames durable before any row says the file exists
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
         finally:
             if not synced.done():
                 synced.cancel()
@@ -261,17 +291,16 @@ class Index:
         if not params:
             return 0
         now = time.time()
-        await self.db.execute("BEGIN IMMEDIATE")
-        await self.db.executemany(
-            "UPDATE instances SET file_state = 'missing' WHERE sop_instance_uid = ?", params
-        )
-        await self.db.executemany(
-            "UPDATE deliveries SET state = 'failed', last_error = 'spool file missing', claim_id = NULL, "
-            "updated_at = ? WHERE state != 'done' AND instance_id = "
-            "(SELECT id FROM instances WHERE sop_instance_uid = ?)",
-            [(now, uid) for (uid,) in params],
-        )
-        await self.db.execute("COMMIT")
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE instances SET file_state = 'missing' WHERE sop_instance_uid = ?", params
+            )
+            await db.executemany(
+                "UPDATE deliveries SET state = 'failed', last_error = 'spool file missing', claim_id = NULL, "
+                "updated_at = ? WHERE state != 'done' AND instance_id = "
+                "(SELECT id FROM instances WHERE sop_instance_uid = ?)",
+                [(now, uid) for (uid,) in params],
+            )
         return len(params)
 
     async def release_claims(self) -> int:

@@ -358,6 +358,12 @@ class ObjectWriter:
             raise StoreError(
                 STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(exc).__name__})", self.uid
             ) from exc
+        if not header.sop_instance_uid or not header.sop_class_uid:
+            raise StoreError(STATUS_CANNOT_UNDERSTAND, "data set lacks SOP Class or Instance UID", self.uid)
+        if self._meta_spec is not None and header.sop_class_uid != self._meta_spec.sop_class_uid:
+            raise StoreError(
+                STATUS_DATASET_MISMATCH, "data set SOP Class UID differs from the command's", self.uid
+            )
         if header.sop_instance_uid != self.uid:
             raise StoreError(
                 STATUS_DATASET_MISMATCH, "data set SOP Instance UID differs from the command's", self.uid
