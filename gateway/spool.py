@@ -22,12 +22,12 @@ import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -62,8 +62,7 @@ _HEADER_TAGS: Final = [
     0x0020000D,  # Study Instance UID
     0x0020000E,  # Series Instance UID
 ]
-_LAST_HEADER_TAG: Final = max(_HEADER_TAGS)
-_HEAD_BYTES: Final = 64 * 1024  # the data set's first bytes, kept to read the header without a file read
+_DEFER_VALUES_OVER: Final = 256  # bytes: longer values are skipped with a seek, never read
 _PREAMBLE: Final = bytes(128)  # zeroed: a peer can never plant an executable header here
 
 
@@ -127,63 +126,66 @@ def encode_file_meta(
     return buffer.getvalue()
 
 
-def read_header(path: Path) -> InstanceHeader:
-    """Read the indexed attributes of a stored file, stopping before the pixel data."""
-    return _header_of(dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS))
+def scan_dataset(fp: BinaryIO, size: int, transfer_syntax_uid: str) -> InstanceHeader:
+    """Walk every top-level element from `fp`'s position to `size`, skipping values; return the header.
 
+    This is the structural check a received object gets before it is acknowledged: pydicom reads each
+    element's tag, VR and length and seeks past its value (undefined-length sequences and encapsulated
+    pixel data are followed to their delimiters), so memory stays flat for any size. A data set is
+    refused when its last element runs past the end (truncated) or bytes follow it that are no element.
 
-def parse_header(head: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
-    """Read the indexed attributes from the first bytes of an encoded data set (no file read).
-
-    Parsing stops at the first tag past the last attribute needed. Returns None when `head` is only a
-    prefix that ends before that point (the caller then reads the file); a `complete` data set is final.
+    Raises:
+        ValueError: the data set is truncated or has trailing bytes (pydicom raises its own errors on
+            other malformations).
     """
     syntax = UID(transfer_syntax_uid)
     if syntax == DeflatedExplicitVRLittleEndian:
-        head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head, _HEAD_BYTES * 4)
-        complete = False
-    stopped = False
+        inflated = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflated.decompress(fp.read())
+        if not inflated.eof:
+            raise ValueError("deflated data set is truncated")
+        fp, size = BytesIO(data), len(data)
+    values: dict[int, object] = {}
+    end = fp.tell()
+    for element in data_element_generator(
+        fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER_VALUES_OVER
+    ):
+        end = fp.tell()
+        if element.tag in _HEADER_TAGS and isinstance(element, RawDataElement):
+            values[element.tag] = convert_raw_data_element(element).value
+    if end != size:
+        raise ValueError(f"data set ends at byte {end} of {size}: truncated, or trailing bytes")
+    return InstanceHeader(
+        sop_class_uid=_text(values.get(0x00080016)),
+        sop_instance_uid=_text(values.get(0x00080018)),
+        study_instance_uid=_text(values.get(0x0020000D)),
+        series_instance_uid=_text(values.get(0x0020000E)),
+        patient_id=_text(values.get(0x00100020)),
+        modality=_text(values.get(0x00080060)),
+    )
 
-    def past_header(tag: int, _vr: str | None, _length: int) -> bool:
-        nonlocal stopped
-        stopped = tag > _LAST_HEADER_TAG
-        return stopped
 
-    try:
-        ds = read_dataset(
-            BytesIO(head),
-            is_implicit_VR=syntax.is_implicit_VR,
-            is_little_endian=syntax.is_little_endian,
-            stop_when=past_header,
-        )
-        header = _header_of(ds)
-    except Exception:  # a prefix may end inside an element; a whole data set that fails is unreadable
-        if complete:
-            raise
-        return None
-    return header if stopped or complete else None
+def _text(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def dataset_offset(fp: BinaryIO) -> int:
+    """Where the data set starts in a Part 10 file: after preamble, prefix and the meta group length."""
+    fp.seek(0)
+    head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("not a DICOM file with a file meta group length")
+    return 144 + int.from_bytes(head[140:144], "little")
 
 
 def read_stored_file(path: Path) -> tuple[InstanceHeader, str, str]:
-    """Header, transfer syntax and source AE title of a spool file (for re-indexing an orphan)."""
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    meta = ds.file_meta
-    return (
-        _header_of(ds),
-        str(meta.TransferSyntaxUID),
-        str(meta.get("SourceApplicationEntityTitle", "")).strip(),
-    )
-
-
-def _header_of(ds: Dataset) -> InstanceHeader:
-    return InstanceHeader(
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-        patient_id=str(ds.get("PatientID", "")),
-        modality=str(ds.get("Modality", "")),
-    )
+    """Header, transfer syntax and source AE title of a spool file, its structure checked."""
+    meta = read_file_meta_info(path)
+    syntax = str(meta.TransferSyntaxUID)
+    with path.open("rb") as fp:
+        fp.seek(dataset_offset(fp))
+        header = scan_dataset(fp, os.fstat(fp.fileno()).st_size, syntax)
+    return header, syntax, str(meta.get("SourceApplicationEntityTitle", "")).strip()
 
 
 def file_sha256(path: Path) -> str:
@@ -287,8 +289,7 @@ class ObjectWriter:
         self._digest = hashlib.sha256()
         self._meta_spec = meta if isinstance(meta, FileMetaSpec) else None
         self._pending_meta = meta if isinstance(meta, bytes) else b""
-        self._head = b""
-        self._dataset_bytes = 0
+        self._dataset_offset = 0
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -304,10 +305,8 @@ class ObjectWriter:
                 self._fd = os.open(self._temp, flags, 0o600)
             if self._pending_meta:
                 self._write_all(self._pending_meta)
+                self._dataset_offset = len(self._pending_meta)
                 self._pending_meta = b""
-            if len(self._head) < _HEAD_BYTES:
-                self._head += bytes(data[: _HEAD_BYTES - len(self._head)])
-            self._dataset_bytes += len(data)
             self._write_all(data)
         except OSError as exc:
             self.discard()
@@ -348,15 +347,16 @@ class ObjectWriter:
 
     def _validated_header(self) -> InstanceHeader:
         try:
-            header = None
             if self._meta_spec is not None:
-                complete = self._dataset_bytes == len(self._head)
-                header = parse_header(self._head, self._meta_spec.transfer_syntax_uid, complete=complete)
-            if header is None:
-                header = read_header(self._temp)
+                syntax = self._meta_spec.transfer_syntax_uid
+            else:
+                syntax = str(read_file_meta_info(self._temp).TransferSyntaxUID)
+            with self._temp.open("rb") as fp:
+                fp.seek(self._dataset_offset)
+                header = scan_dataset(fp, self.size, syntax)
         except Exception as exc:  # pydicom raises many types on hostile bytes: all mean "unreadable"
             raise StoreError(
-                STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(exc).__name__})", self.uid
+                STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(exc).__name__}: {exc})"[:120], self.uid
             ) from exc
         if not header.sop_instance_uid or not header.sop_class_uid:
             raise StoreError(STATUS_CANNOT_UNDERSTAND, "data set lacks SOP Class or Instance UID", self.uid)
