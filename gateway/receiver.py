@@ -32,6 +32,7 @@ from gateway.dul import (
     Association,
     LocalIdentity,
     Reject,
+    State,
     Timeouts,
     negotiate_contexts,
 )
@@ -389,7 +390,7 @@ class Receiver:
         self.index = index
         self.duplicate_policy: DuplicatePolicy = config.duplicate_policy
         self._ssl = ssl_context
-        self._policy = AccessPolicy(config, ae_title, lambda: len(self._associations))
+        self._policy = AccessPolicy(config, ae_title, self._count_active)
         self._identity = LocalIdentity(
             IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, config.max_pdu_length
         )
@@ -402,6 +403,10 @@ class Receiver:
         self.listening = asyncio.Event()
         self.stored = 0
         self.failures = 0
+
+    def _count_active(self) -> int:
+        """Associations that count toward max_associations (not those only waiting for the close)."""
+        return sum(1 for a in self._associations if a.state not in {State.AWAITING_CLOSE, State.CLOSED})
 
     @property
     def port(self) -> int:
