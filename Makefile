@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to (real peers, not mocks).
 DEB_PACKAGES := dcmtk
 STAMP := $(VENV)/.installed
+LINT_PATHS := gateway simulators tests $(wildcard bench)
 
 .PHONY: venv debs test test-quick lint typecheck format demo bench clean
 
@@ -34,12 +35,12 @@ test: debs venv
 	$(BIN)/pytest -q
 
 lint: venv
-	$(BIN)/ruff check gateway simulators tests bench
-	$(BIN)/ruff format --check gateway simulators tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 format: venv
-	$(BIN)/ruff format gateway simulators tests bench
-	$(BIN)/ruff check --fix gateway simulators tests bench
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 typecheck: venv
 	$(BIN)/mypy --strict gateway simulators

@@ -43,7 +43,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from gateway.errors import ProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Container, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,38 @@ def encode_pdata(context_id: int, payload: bytes, *, command: bool, max_pdu_leng
     return pdus
 
 
+async def read_pdu(reader: asyncio.StreamReader, seconds: float, max_pdata: int) -> tuple[int, bytes]:
+    """Read one PDU under a deadline, refusing declared lengths beyond what the type may carry."""
+    async with asyncio.timeout(seconds):
+        pdu_type, length = _HEADER.unpack(await reader.readexactly(6))
+        limit = max_pdata if pdu_type == PduType.P_DATA_TF else MAX_CONTROL_PDU
+        if length > limit:
+            raise ProtocolError(
+                f"PDU type 0x{pdu_type:02x} declares {length} bytes (limit {limit})",
+                AbortReason.INVALID_PARAMETER,
+            )
+        return pdu_type, await reader.readexactly(length)
+
+
+def iter_pdvs(body: bytes, contexts: Container[int]) -> Iterator[tuple[int, int, memoryview]]:
+    """Split a P-DATA-TF body into (context ID, message control header, fragment view) items."""
+    view = memoryview(body)
+    offset = 0
+    while offset < len(body):
+        if offset + 6 > len(body):
+            raise ProtocolError("truncated PDV item", AbortReason.INVALID_PARAMETER)
+        length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+        end = offset + 4 + length
+        if length < 2 or end > len(body):
+            raise ProtocolError("PDV item length out of bounds", AbortReason.INVALID_PARAMETER)
+        if context_id not in contexts:
+            raise ProtocolError(
+                f"PDV on presentation context {context_id} not accepted", AbortReason.INVALID_PARAMETER
+            )
+        yield context_id, control, view[offset + 6 : end]
+        offset = end
+
+
 class Association:
     """One accepted connection: reads PDUs under deadlines and runs the acceptor's state machine."""
 
@@ -350,34 +382,11 @@ class Association:
         return True
 
     async def _read_pdu(self, seconds: float) -> tuple[int, bytes]:
-        """Read one PDU under a deadline, refusing declared lengths beyond what the type may carry."""
-        async with asyncio.timeout(seconds):
-            pdu_type, length = _HEADER.unpack(await self.reader.readexactly(6))
-            limit = self.identity.max_pdu_length if pdu_type == PduType.P_DATA_TF else MAX_CONTROL_PDU
-            if length > limit:
-                raise ProtocolError(
-                    f"PDU type 0x{pdu_type:02x} declares {length} bytes (limit {limit})",
-                    AbortReason.INVALID_PARAMETER,
-                )
-            return pdu_type, await self.reader.readexactly(length)
+        return await read_pdu(self.reader, seconds, self.identity.max_pdu_length)
 
     async def _on_pdata(self, body: bytes) -> None:
         assert self._sink is not None  # noqa: S101 - set when the association was accepted
-        view = memoryview(body)
-        offset = 0
-        while offset < len(body):
-            if offset + 6 > len(body):
-                raise ProtocolError("truncated PDV item", AbortReason.INVALID_PARAMETER)
-            length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
-            end = offset + 4 + length
-            if length < 2 or end > len(body):
-                raise ProtocolError("PDV item length out of bounds", AbortReason.INVALID_PARAMETER)
-            if context_id not in self.contexts:
-                raise ProtocolError(
-                    f"PDV on presentation context {context_id} not accepted", AbortReason.INVALID_PARAMETER
-                )
-            fragment = view[offset + 6 : end]
-            offset = end
+        for context_id, control, fragment in iter_pdvs(body, self.contexts):
             if control & 0x01:
                 self._command += fragment
                 if len(self._command) > MAX_COMMAND_SET:

@@ -18,14 +18,18 @@ import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from io import BytesIO
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context
-from pynetdicom.dsutils import decode, encode
 
+from gateway.dimse import (
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    VERIFICATION_SOP_CLASS,
+    Command,
+    decode_command,
+    encode_response,
+)
 from gateway.dul import (
     AbortReason,
     Accept,
@@ -64,10 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
-C_STORE_RQ: Final = 0x0001
-C_ECHO_RQ: Final = 0x0030
-NO_DATASET: Final = 0x0101
 STATUS_SUCCESS: Final = 0x0000
 STATUS_UNRECOGNIZED_OPERATION: Final = 0x0211
 STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
@@ -159,57 +159,11 @@ def _prefer_requested_syntax(
                 break
 
 
-@dataclass(slots=True)
-class _Command:
-    """The fields of a request command set that the receiver uses."""
-
-    field: int
-    message_id: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    has_dataset: bool
-
-
-def _parse_command(raw: bytes) -> _Command:
-    try:
-        ds = decode(BytesIO(raw), is_implicit_vr=True, is_little_endian=True)
-        return _Command(
-            field=int(ds.CommandField),
-            message_id=int(ds.MessageID),
-            sop_class_uid=str(ds.get("AffectedSOPClassUID", "")).strip(),
-            sop_instance_uid=str(ds.get("AffectedSOPInstanceUID", "")).strip(),
-            has_dataset=int(ds.CommandDataSetType) != NO_DATASET,
-        )
-    except Exception as exc:  # a malformed command set is a protocol error, whatever pydicom raised
-        raise ProtocolError(
-            f"malformed command set ({exc.__class__.__name__})", AbortReason.INVALID_PARAMETER
-        ) from exc
-
-
-def encode_response(command: _Command, status: int, comment: str = "") -> bytes:
-    """A response command set (implicit VR little endian, with its group length)."""
-    ds = Dataset()
-    if command.sop_class_uid:
-        ds.AffectedSOPClassUID = command.sop_class_uid
-    ds.CommandField = command.field | 0x8000
-    ds.MessageIDBeingRespondedTo = command.message_id
-    ds.CommandDataSetType = NO_DATASET
-    ds.Status = status
-    if command.field == C_STORE_RQ and command.sop_instance_uid:
-        ds.AffectedSOPInstanceUID = command.sop_instance_uid
-    if comment:
-        ds.ErrorComment = comment[:64]
-    body = encode(ds, is_implicit_vr=True, is_little_endian=True)
-    group = Dataset()
-    group.CommandGroupLength = len(body or b"")
-    return (encode(group, is_implicit_vr=True, is_little_endian=True) or b"") + (body or b"")
-
-
 class _Incoming:
     """One C-STORE's data set on its way to the spool (or to the bin, when refused)."""
 
     def __init__(
-        self, command: _Command, context_id: int, writer: ObjectWriter | None, error: StoreError | None
+        self, command: Command, context_id: int, writer: ObjectWriter | None, error: StoreError | None
     ) -> None:
         self.command = command
         self.context_id = context_id
@@ -234,7 +188,7 @@ class StoreService:
             raise ProtocolError(
                 "command received while a data set was expected", AbortReason.UNEXPECTED_PARAMETER
             )
-        request = _parse_command(command)
+        request = decode_command(command)
         abstract = str(self._association.contexts[context_id].abstract_syntax)
         if request.field == C_ECHO_RQ and not request.has_dataset:
             await self._respond(context_id, request, STATUS_SUCCESS)
@@ -248,7 +202,7 @@ class StoreService:
         else:
             await self._respond(context_id, request, STATUS_UNRECOGNIZED_OPERATION, "operation not supported")
 
-    def _start_store(self, context_id: int, request: _Command, abstract: str) -> _Incoming:
+    def _start_store(self, context_id: int, request: Command, abstract: str) -> _Incoming:
         receiver = self._receiver
         uid = request.sop_instance_uid
         if request.sop_class_uid != abstract:
@@ -331,7 +285,7 @@ class StoreService:
         self.stored += 1
         return STATUS_SUCCESS, ""
 
-    async def _respond(self, context_id: int, request: _Command, status: int, comment: str = "") -> None:
+    async def _respond(self, context_id: int, request: Command, status: int, comment: str = "") -> None:
         await self._association.send_message(
             context_id, encode_response(request, status, comment), command=True
         )
