@@ -1,9 +1,10 @@
 """The composition root: resources in an AsyncExitStack, components in one TaskGroup, staged shutdown.
 
-Start order: spool directory, index (open + migrate), the group-commit loop, recovery, then the receiver;
-READY goes to systemd only when the receiver listens and recovery is done. Stop order (SIGTERM/SIGINT):
-stop accepting, let in-flight C-STOREs finish within `receiver.shutdown_timeout`, then stop the receiver,
-then the commit loop (so every acknowledged row is committed), then close the index.
+Start order: spool directory, index (open + migrate), the group-commit loop, recovery, the receiver, then
+forwarders and retention; READY goes to systemd only when the receiver listens and recovery is done. Stop
+order (SIGTERM/SIGINT): stop accepting, let in-flight C-STOREs finish within `receiver.shutdown_timeout`,
+stop the receiver, stop forwarders (their claims go back to pending) and retention, then the commit loop
+(so every acknowledged row is committed), then close the index.
 
 Imports: everything below it.
 """
@@ -17,12 +18,16 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 from gateway import config as config_module
+from gateway.delivery_queue import DeliveryQueue
+from gateway.dul import LocalIdentity
+from gateway.forwarder import Forwarder
 from gateway.index import Index
 from gateway.receiver import Receiver
 from gateway.recovery import recover
-from gateway.spool import Spool
+from gateway.retention import Retention
+from gateway.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
 from gateway.systemd import Notifier
-from gateway.tls import server_context
+from gateway.tls import client_context, server_context
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -42,6 +47,21 @@ class Gateway:
             [d.name for d in config.destinations],
             self.spool.sync_directory,
         )
+        self.queue = DeliveryQueue(self.index)
+        self.identity = LocalIdentity(
+            IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, config.receiver.max_pdu_length
+        )
+        self.forwarders = [
+            Forwarder(
+                destination,
+                self.queue,
+                self.spool,
+                self.identity,
+                ssl_context=client_context(destination.tls) if destination.tls is not None else None,
+            )
+            for destination in config.destinations
+        ]
+        self.retention = Retention(self.queue, self.spool, config.retention.keep_forwarded)
         self.receiver: Receiver | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -68,6 +88,11 @@ class Gateway:
                 receiver = self._make_receiver()
                 receiving = tg.create_task(receiver.run(), name="receiver")
                 await _first(receiver.listening.wait(), receiving)
+                background = [
+                    tg.create_task(forwarder.run(), name=f"forwarder[{forwarder.config.name}]")
+                    for forwarder in self.forwarders
+                ]
+                background.append(tg.create_task(self.retention.run(), name="retention"))
                 self.ready.set()
                 self.notifier.ready(f"receiving on port {receiver.port}")
                 log.info("Gateway %s ready", self.config.gateway.node_id)
@@ -81,6 +106,9 @@ class Gateway:
                     log.warning("Associations still open at the shutdown deadline are aborted")
                 receiving.cancel()
                 await asyncio.gather(receiving, return_exceptions=True)
+                for task in background:  # an association in progress is aborted; its claim released
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
                 commit_loop.cancel()
         log.info("Gateway stopped")
 

@@ -199,14 +199,20 @@ def encode_accept(request: A_ASSOCIATE, accept: Accept, identity: LocalIdentity)
     return pdu.encode()
 
 
-def encode_pdata(context_id: int, payload: bytes, *, command: bool, max_pdu_length: int) -> list[bytes]:
-    """P-DATA-TF PDUs carrying `payload` as PDVs of one context, split to the peer's maximum."""
+def encode_pdata(
+    context_id: int, payload: bytes, *, command: bool, max_pdu_length: int, final: bool = True
+) -> list[bytes]:
+    """P-DATA-TF PDUs carrying `payload` as PDVs of one context, split to the peer's maximum.
+
+    `final` marks the last fragment of the message; a message streamed in several payloads passes False
+    for all but the last.
+    """
     # The peer's maximum counts the PDU's variable field: PDV item header (4 + 2 bytes) plus the fragment.
     room = max(max_pdu_length - 6, 1) if max_pdu_length else max(len(payload), 1)
     pdus = []
     for start in range(0, max(len(payload), 1), room):
         fragment = payload[start : start + room]
-        last = start + room >= len(payload)
+        last = final and start + room >= len(payload)
         control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
         pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
         pdus.append(_HEADER.pack(PduType.P_DATA_TF, len(pdv)) + pdv)

@@ -52,15 +52,18 @@ _MIGRATIONS: Final[dict[int, str]] = {
         file_state TEXT NOT NULL DEFAULT 'stored',
         calling_ae TEXT NOT NULL,
         peer_address TEXT NOT NULL,
-        received_at REAL NOT NULL
+        received_at REAL NOT NULL,
+        delivered_at REAL  -- when its last delivery became done (retention counts from here)
     );
     CREATE INDEX instances_study ON instances(study_instance_uid);
-    CREATE INDEX instances_file_state ON instances(file_state);
+    CREATE INDEX instances_series ON instances(series_instance_uid);
+    CREATE INDEX instances_retention ON instances(file_state, delivered_at);
     CREATE TABLE deliveries (
         instance_id INTEGER NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
         destination TEXT NOT NULL,
         state TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
+        refusals INTEGER NOT NULL DEFAULT 0,  -- permanent refusals; max_attempts of them end `failed`
         next_attempt_at REAL NOT NULL,
         claim_id INTEGER,
         last_status INTEGER,
@@ -83,7 +86,8 @@ _MIGRATIONS: Final[dict[int, str]] = {
     -- (A trigger's INSERT OR IGNORE would take the outer upsert's conflict policy: ON CONFLICT it is.)
     CREATE TRIGGER instance_changed AFTER UPDATE OF sha256, file_state ON instances
     WHEN OLD.sha256 != NEW.sha256 OR (OLD.file_state = 'missing' AND NEW.file_state = 'stored') BEGIN
-        UPDATE deliveries SET state = 'pending', attempts = 0,
+        UPDATE instances SET delivered_at = NULL WHERE id = NEW.id;
+        UPDATE deliveries SET state = 'pending', attempts = 0, refusals = 0,
             next_attempt_at = (julianday('now') - 2440587.5) * 86400.0, claim_id = NULL,
             last_status = NULL, last_error = NULL, updated_at = (julianday('now') - 2440587.5) * 86400.0
         WHERE instance_id = NEW.id;
@@ -135,6 +139,8 @@ class Index:
         self._db: aiosqlite.Connection | None = None
         self._queue: list[_PendingRow] = []
         self._wakeup = asyncio.Event()
+        self._tx_lock = asyncio.Lock()  # one connection: transactions of different tasks must not interleave
+        self._committed = asyncio.Event()  # replaced after each group commit: a broadcast to waiters
         self.commits = 0  # group commits done (observability and tests)
 
     async def __aenter__(self) -> Self:
@@ -199,14 +205,19 @@ class Index:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (never left open)."""
         db = self.db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
-        await db.execute("COMMIT")
+        async with self._tx_lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    def commit_signal(self) -> asyncio.Event:
+        """An event set by the next group commit (take it before looking for work, then wait on it)."""
+        return self._committed
 
     async def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:  # noqa: ANN401
         """First column of the first row, or None."""
@@ -256,6 +267,8 @@ class Index:
         exc = write.exception()
         if exc is None:
             self.commits += 1
+            self._committed.set()
+            self._committed = asyncio.Event()
         else:
             log.error("Index commit of %d rows failed: %s", len(batch), exc)
         for row in batch:

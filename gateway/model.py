@@ -75,7 +75,25 @@ class Delivery:
     destination: str
     state: DeliveryState
     attempts: int
+    refusals: int
     next_attempt_at: float
     received_at: float
     last_status: int | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What became of one claimed delivery, for the index to record.
+
+    `state` is the state to move to; `attempted` counts a send toward `attempts`, `refused` counts a
+    permanent refusal toward `refusals`.
+    """
+
+    instance_id: int
+    state: DeliveryState
+    next_attempt_at: float
+    attempted: bool = True
+    refused: bool = False
+    status: int | None = None
+    error: str | None = None

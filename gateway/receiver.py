@@ -56,7 +56,7 @@ from gateway.spool import (
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
 
     from pynetdicom.pdu_primitives import A_ASSOCIATE
     from pynetdicom.presentation import PresentationContext
@@ -307,27 +307,6 @@ class StoreService:
         )
 
 
-class _UidLocks:
-    """One lock per SOP Instance UID in progress, so two associations never place the same UID at once."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, uid: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(uid, (asyncio.Lock(), 0))
-        self._locks[uid] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[uid]
-            if users == 1:
-                del self._locks[uid]
-            else:
-                self._locks[uid] = (lock, users - 1)
-
-
 class Receiver:
     """The listening acceptor: owns the server socket, the connection tasks and the file-work threads."""
 
@@ -352,7 +331,6 @@ class Receiver:
         self._pool = ThreadPoolExecutor(max_workers=config.max_associations + 2, thread_name_prefix="spool")
         self._connections: set[asyncio.Task[None]] = set()
         self._associations: set[Association] = set()
-        self._locks = _UidLocks()
         self._server: asyncio.Server | None = None
         self.listening = asyncio.Event()
         self.stored = 0
@@ -375,7 +353,7 @@ class Receiver:
 
     def uid_lock(self, uid: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Serialize placement of one SOP Instance UID across associations."""
-        return self._locks.hold(uid)
+        return self.spool.locks.hold(uid)
 
     async def commit(self, instance: StoredInstance, placement: Placement) -> None:
         """Commit the row; if that fails, take a newly placed file back out (no unacknowledged orphans)."""

@@ -10,6 +10,7 @@ Imports: model, errors (and pydicom for the file meta and the header read).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import errno
@@ -35,7 +36,7 @@ from gateway.errors import StoreError
 from gateway.model import DuplicatePolicy, InstanceHeader
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +198,35 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class UidLocks:
+    """One lock per SOP Instance UID in use, so two tasks never place or remove the same file at once."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, uid: str) -> AsyncIterator[None]:
+        """Hold the lock of `uid` (created on first use, dropped after the last)."""
+        lock, users = self._locks.get(uid, (asyncio.Lock(), 0))
+        self._locks[uid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[uid]
+            if users == 1:
+                del self._locks[uid]
+            else:
+                self._locks[uid] = (lock, users - 1)
+
+
 class Spool:
     """The spool directory: names, the free-space reserve, directory syncs and the recovery sweep."""
 
     def __init__(self, directory: Path, min_free_bytes: int) -> None:
         self.directory = directory
         self.min_free_bytes = min_free_bytes
+        self.locks = UidLocks()  # on the event loop: receivers placing and retention removing files
 
     def prepare(self) -> None:
         """Create the directory (mode 0700) and make its entry durable."""

@@ -188,6 +188,7 @@ async def test_record_creates_the_row_and_one_pending_delivery_per_destination(i
         "calling_ae": "CT_SCANNER_1",
         "peer_address": "10.1.2.3",
         "received_at": 1_700_000_000.25,
+        "delivered_at": None,
     }
     found = await deliveries(index)
     assert sorted(found) == DESTINATIONS
