@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import trustme
 
 from simulators.harness import ManagedProcess, free_port
+from simulators.scanner import TlsOptions
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -80,6 +82,8 @@ def write_config(
     port: int | None = None,
     allowed_calling_ae: tuple[str, ...] = (SCANNER_AE, "STORESCU", "ECHOSCU"),
     min_free_bytes: str = "1MB",
+    acse_timeout: str = "10s",
+    network_timeout: str = "20s",
     receiver_extra: str = "",
     sections: str = "",
 ) -> GatewaySetup:
@@ -101,8 +105,8 @@ log_level = "info"
 host = "127.0.0.1"
 port = {port}
 allowed_calling_ae = [{callers}]
-acse_timeout = "10s"
-network_timeout = "20s"
+acse_timeout = "{acse_timeout}"
+network_timeout = "{network_timeout}"
 {receiver_extra}
 
 [metrics]
@@ -134,3 +138,55 @@ def dataset_bytes(path: Path) -> bytes:
     # (0002,0000) UL, explicit VR little endian: tag(4) VR(2) length(2) value(4)
     (group_length,) = struct.unpack_from("<I", raw, 132 + 8)
     return raw[132 + 12 + group_length :]
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files made by trustme for one test: a CA, certificates it signed, and an unrelated CA.
+
+    `server_*` is the gateway's receiver certificate, `client_*` the scanner's; `pacs_*` the archive's,
+    `gateway_client_*` the gateway's own toward the archive, `wrong_name_*` an archive certificate
+    issued for another host name, `other_ca` a CA that signed nothing here.
+    """
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    pacs_cert: Path
+    pacs_key: Path
+    gateway_client_cert: Path
+    gateway_client_key: Path
+    wrong_name_cert: Path
+    wrong_name_key: Path
+
+    def scanner(self) -> TlsOptions:
+        """What a correctly configured scanner presents and trusts."""
+        return TlsOptions(self.ca, self.client_cert, self.client_key, server_hostname="localhost")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    ca, other_ca = trustme.CA(), trustme.CA()
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    blobs = {
+        "ca": ca.cert_pem,
+        "other_ca": other_ca.cert_pem,
+    }
+    for prefix, cert in {
+        "server": ca.issue_cert("localhost", "127.0.0.1"),
+        "client": ca.issue_cert("ct-scanner-1.example", common_name=SCANNER_AE),
+        "pacs": ca.issue_cert("localhost", "127.0.0.1"),
+        "gateway_client": ca.issue_cert("edge-gw.example", common_name=GATEWAY_AE),
+        "wrong_name": ca.issue_cert("somewhere-else.example"),
+    }.items():
+        blobs[f"{prefix}_cert"] = cert.cert_chain_pems[0]
+        blobs[f"{prefix}_key"] = cert.private_key_pem
+    paths = {}
+    for name, blob in blobs.items():
+        paths[name] = directory / f"{name}.pem"
+        blob.write_to_path(str(paths[name]))
+    return Pki(**paths)

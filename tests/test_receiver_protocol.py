@@ -136,24 +136,10 @@ def echo(port: int, calling: str = "ECHOSCU") -> int:
         release(assoc)
 
 
-def with_short_timeouts(setup: GatewaySetup, acse: str = "1s", network: str = "1s") -> GatewaySetup:
-    """Shorten the ARTIM and read deadlines (conftest already sets both keys, so receiver_extra cannot)."""
-    text = setup.config.read_text(encoding="utf-8")
-    lines = {
-        'acse_timeout = "10s"': f'acse_timeout = "{acse}"',
-        'network_timeout = "20s"': f'network_timeout = "{network}"',
-    }
-    for old, new in lines.items():
-        assert old in text, f"conftest no longer writes {old!r}: update with_short_timeouts"
-        text = text.replace(old, new)
-    setup.config.write_text(text, encoding="utf-8")
-    return setup
-
-
 @pytest.fixture
 def short_timeouts(tmp_path: Path) -> Iterator[GatewaySetup]:
     """A gateway with acse_timeout = network_timeout = 1 s."""
-    setup = with_short_timeouts(write_config(tmp_path))
+    setup = write_config(tmp_path, acse_timeout="1s", network_timeout="1s")
     with setup.process():
         yield setup
 

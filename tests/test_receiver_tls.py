@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import socket
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import pytest
-import trustme
 
 from simulators.datasets import StudySpec
 from simulators.scanner import ScanOptions, TlsOptions, run_scanner
-from tests.conftest import GATEWAY_AE, SCANNER_AE, write_config
+from tests.conftest import GATEWAY_AE, SCANNER_AE, Pki, write_config
 from tests.test_receiver_protocol import associate_request
 
 if TYPE_CHECKING:
@@ -25,40 +24,6 @@ if TYPE_CHECKING:
     from tests.conftest import GatewaySetup
 
 TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class Pki:
-    """PEM files: the gateway's CA, server and client certificates, and an unrelated CA."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-
-    def scanner(self) -> TlsOptions:
-        """What a correctly configured scanner presents and trusts."""
-        return TlsOptions(self.ca, self.client_cert, self.client_key, server_hostname="localhost")
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    ca, other_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    client = ca.issue_cert("ct-scanner-1.example", common_name=SCANNER_AE)
-    pki = Pki(*(tmp_path / name for name in ("ca.pem", "gw.pem", "gw.key", "ct.pem", "ct.key", "other.pem")))
-    for path, blob in [
-        (pki.ca, ca.cert_pem),
-        (pki.server_cert, server.cert_chain_pems[0]),
-        (pki.server_key, server.private_key_pem),
-        (pki.client_cert, client.cert_chain_pems[0]),
-        (pki.client_key, client.private_key_pem),
-        (pki.other_ca, other_ca.cert_pem),
-    ]:
-        blob.write_to_path(str(path))
-    return pki
 
 
 @pytest.fixture
