@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from simulators.harness import ManagedProcess, free_port
 from simulators.scanner import TlsOptions
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 GATEWAY_AE = "EDGE_GW"
@@ -55,7 +56,7 @@ class GatewaySetup:
         self, sql: str = "SELECT * FROM instances", params: tuple[object, ...] = ()
     ) -> list[sqlite3.Row]:
         """Query the index with a plain reader connection (as the CLI would, beside the daemon)."""
-        db = sqlite3.connect(self.index)
+        db = sqlite3.connect(f"file:{self.index}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
         try:
             return db.execute(sql, params).fetchall()
@@ -190,3 +191,50 @@ def pki(tmp_path: Path) -> Pki:
         paths[name] = directory / f"{name}.pem"
         blob.write_to_path(str(paths[name]))
     return Pki(**paths)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll another process's state (the index, a directory) until `predicate` holds, or fail the test.
+
+    Only for state of a separate process that offers nothing to await; never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def destination_section(
+    name: str,
+    port: int,
+    *,
+    called_ae: str = "CENTRAL_PACS",
+    tls: str = "tls = false",
+    retry: str = 'initial_delay = "0.2s"\nmax_delay = "1s"\njitter = 0.1\nmax_attempts = 3',
+    extra: str = "",
+) -> str:
+    """A [[destination]] table for write_config(sections=...); `tls` is a key or a [destination.tls] table."""
+    tls_key, tls_table = (tls, "") if tls.startswith("tls =") else ("", tls)
+    return f"""
+[[destination]]
+name = "{name}"
+host = "127.0.0.1"
+port = {port}
+called_ae = "{called_ae}"
+{tls_key}
+{extra}
+{tls_table}
+[destination.retry]
+{retry}
+"""
+
+
+def delivery_states(setup: GatewaySetup, destination: str | None = None) -> dict[str, int]:
+    """Deliveries by state (for one destination, or all)."""
+    sql = "SELECT state, count(*) FROM deliveries"
+    params: tuple[object, ...] = ()
+    if destination is not None:
+        sql += " WHERE destination = ?"
+        params = (destination,)
+    return {row[0]: row[1] for row in setup.rows(sql + " GROUP BY state", params)}
