@@ -121,7 +121,7 @@ def test_storescu_reference_still_works_against_the_same_storescp(tmp_path: Path
                 "127.0.0.1",
                 str(port),
                 str(files[0]),
-            ],  # fmt: skip
+            ],
             env=DCMTK_ENV,
             capture_output=True,
             text=True,
