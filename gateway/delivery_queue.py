@@ -30,7 +30,7 @@ _SERIES_DUE: Final = """
 SELECT d.instance_id, i.sop_instance_uid, i.sop_class_uid, i.series_instance_uid, i.transfer_syntax_uid,
     i.file_name, i.sha256, i.size_bytes, d.destination, d.state, d.attempts, d.refusals, d.next_attempt_at,
     i.received_at, d.last_status, d.last_error
-FROM instances i JOIN deliveries d ON d.instance_id = i.id AND d.destination = ?
+FROM instances i CROSS JOIN deliveries d ON d.instance_id = i.id AND d.destination = ?
 WHERE i.series_instance_uid = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
 ORDER BY i.id LIMIT ?
 """
@@ -48,8 +48,8 @@ UPDATE deliveries SET
     refusals = refusals + :refused,
     state = :state,
     next_attempt_at = :next_attempt_at,
-    last_status = coalesce(:status, last_status),
-    last_error = coalesce(:error, last_error),
+    last_status = CASE WHEN :state = 'done' THEN :status ELSE coalesce(:status, last_status) END,
+    last_error = CASE WHEN :state = 'done' THEN :error ELSE coalesce(:error, last_error) END,
     claim_id = NULL,
     updated_at = :now
 WHERE instance_id = :instance_id AND destination = :destination AND claim_id = :claim_id
@@ -156,11 +156,17 @@ class DeliveryQueue:
         )
         return [(row[0], row[1]) for row in rows]
 
-    async def mark_deleted(self, uids: Sequence[str]) -> None:
-        """Record that retention removed these files (only while they are still fully delivered)."""
+    async def mark_deleted(self, uid: str) -> bool:
+        """Mark a file removed by retention, only while it is still fully delivered; True if it was.
+
+        False means the file changed since it was chosen (new bytes arrived): it must stay.
+        """
         async with self.index.transaction() as db:
-            await db.executemany(
+            cursor = await db.execute(
                 "UPDATE instances SET file_state = 'deleted' "
                 "WHERE sop_instance_uid = ? AND file_state = 'stored' AND delivered_at IS NOT NULL",
-                [(uid,) for uid in uids],
+                (uid,),
             )
+            changed = cursor.rowcount == 1
+            await cursor.close()
+        return changed

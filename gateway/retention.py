@@ -71,7 +71,8 @@ class Retention:
                 break
             for uid, file_name in candidates:
                 async with self._spool.locks.hold(uid):
-                    await self._queue.mark_deleted([uid])
+                    if not await self._queue.mark_deleted(uid):
+                        continue  # replaced by new bytes while we waited for the lock: keep them
                     await asyncio.to_thread(self._spool.delete, file_name)
                 removed += 1
                 if under_pressure and await self._has_room():

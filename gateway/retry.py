@@ -44,7 +44,11 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None =
     ``initial * factor**(attempt-1)`` capped at ``max_delay``, then spread by +-``jitter`` (a fraction) so
     that many gateways, or many deliveries, do not retry in lockstep.
     """
-    base = min(policy.max_delay, policy.initial_delay * policy.factor ** max(attempt - 1, 0))
+    try:
+        grown = policy.initial_delay * policy.factor ** max(attempt - 1, 0)
+    except OverflowError:  # a destination down for days: the exponent outgrows a float
+        grown = policy.max_delay
+    base = min(policy.max_delay, grown)
     if policy.jitter <= 0 or base <= 0:
         return base
     spread = (rng or random).uniform(-policy.jitter, policy.jitter)

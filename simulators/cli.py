@@ -1,7 +1,8 @@
 """`dicom-gateway-sim`: command-line entry to the simulators, one subcommand each.
 
 Exit codes: 0 when everything went as asked, 1 when anything failed (a failure status, a rejected or
-aborted association, an unreachable peer), 2 for usage errors.
+aborted association, an unreachable peer), 2 for usage errors. `pacs` serves until SIGINT or SIGTERM and
+then exits 0, whatever its peers did.
 
 May import: the simulators' modules.
 """
@@ -11,15 +12,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
+import ssl
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from simulators.datasets import TRANSFER_SYNTAXES, StudySpec
+from simulators.pacs import PacsFaults, PacsSimulator, server_tls_context
 from simulators.scanner import DEFAULT_MAX_PDU, ScanOptions, TlsOptions, run_scanner
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import FrameType
+
+_TLS_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, pynetdicom's included")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_scanner_parser(commands)
+    _add_pacs_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -139,3 +153,151 @@ def _expand_files(paths: list[Path]) -> list[Path]:
     for path in paths:
         files.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
     return files
+
+
+def _add_pacs_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "pacs",
+        help="receive C-STORE/C-ECHO as the central archive, with fault injection",
+        description=(
+            "Store every object byte-exact as <SOP Instance UID>.dcm until SIGINT/SIGTERM, then print a "
+            "summary. Statuses are hex or decimal (0xA700, 42752)."
+        ),
+    )
+    peer = parser.add_argument_group("listener")
+    peer.add_argument("--host", default="127.0.0.1")
+    peer.add_argument("--port", type=int, default=11113)
+    peer.add_argument("--ae-title", default="CENTRAL_PACS")
+    peer.add_argument("--storage", type=Path, required=True, help="directory for the received objects")
+    peer.add_argument("--tls-cert", type=Path, help="enables TLS: server certificate (PEM)")
+    peer.add_argument("--tls-key", type=Path, help="private key (default: in --tls-cert)")
+    peer.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA")
+    peer.add_argument(
+        "--tls-min-version", choices=sorted(_TLS_VERSIONS), help="default: 1.2, or --tls-max-version if older"
+    )
+    peer.add_argument("--tls-max-version", choices=sorted(_TLS_VERSIONS), help="default: newest")
+
+    faults = parser.add_argument_group("faults")
+    faults.add_argument("--reject", action="store_true", help="reject every association")
+    faults.add_argument(
+        "--transfer-syntax",
+        action="append",
+        metavar="UID",
+        help="accept only these transfer syntaxes for storage (repeatable; default: all)",
+    )
+    faults.add_argument(
+        "--status-for",
+        action="append",
+        default=[],
+        metavar="UID=STATUS",
+        help="always answer STATUS for this SOP Instance UID (repeatable)",
+    )
+    faults.add_argument(
+        "--transient-for",
+        action="append",
+        default=[],
+        metavar="UID=N",
+        help="answer 0xA700 to the first N C-STOREs of this UID, then store it (repeatable)",
+    )
+    faults.add_argument("--fraction", type=float, default=0.0, help="answer --fraction-status for this share")
+    faults.add_argument("--fraction-status", type=_status, default=0xA700, metavar="STATUS")
+    faults.add_argument("--seed", type=int, default=0, help="picks which UIDs fall in --fraction")
+    faults.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="before each response")
+    faults.add_argument(
+        "--abort-after", type=int, metavar="K", help="A-ABORT after K stored, per association"
+    )
+    faults.add_argument("--stall-after", type=int, metavar="K", help="stop answering after K stored")
+    faults.add_argument(
+        "--outage",
+        action="append",
+        default=[],
+        metavar="DOWN_AT:UP_AT",
+        help="stop listening DOWN_AT seconds after start, listen again at UP_AT (repeatable)",
+    )
+    parser.set_defaults(run=_run_pacs_command)
+
+
+def _status(text: str) -> int:
+    """Parse a DIMSE status given in hex (0xA700) or decimal."""
+    try:
+        status = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a status: {text!r} (e.g. 0xA700)") from None
+    if not 0 <= status <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"status out of range: {text}")
+    return status
+
+
+def _uid_map(pairs: list[str], flag: str, parse_value: type[int] | None = None) -> dict[str, int]:
+    """Parse repeated UID=VALUE options; VALUE is a status unless `parse_value` says otherwise."""
+    result = {}
+    for pair in pairs:
+        uid, separator, value = pair.partition("=")
+        if not separator or not uid:
+            raise ValueError(f"{flag} takes UID=VALUE, not {pair!r}")
+        try:
+            result[uid] = parse_value(value) if parse_value else _status(value)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise ValueError(f"{flag} {pair}: {exc}") from None
+    return result
+
+
+def _outage(text: str) -> tuple[float, float]:
+    """Parse DOWN_AT:UP_AT, seconds after start."""
+    down, separator, up = text.partition(":")
+    try:
+        times = float(down), float(up)
+    except ValueError:
+        times = None
+    if not separator or times is None:
+        raise ValueError(f"--outage takes DOWN_AT:UP_AT in seconds, not {text!r}")
+    return times
+
+
+def _run_pacs_command(args: argparse.Namespace) -> int:
+    if (args.tls_key or args.tls_ca or args.tls_min_version or args.tls_max_version) and not args.tls_cert:
+        raise ValueError("--tls-key, --tls-ca, --tls-min-version and --tls-max-version need --tls-cert")
+    faults = PacsFaults(
+        reject_associations=args.reject,
+        transfer_syntaxes=tuple(args.transfer_syntax) if args.transfer_syntax else None,
+        status_for_uids=_uid_map(args.status_for, "--status-for"),
+        transient_for_uids=_uid_map(args.transient_for, "--transient-for", int),
+        status_fraction=args.fraction,
+        fraction_status=args.fraction_status,
+        seed=args.seed,
+        delay=args.delay,
+        abort_after=args.abort_after,
+        stall_after=args.stall_after,
+    )
+    outages = [_outage(text) for text in args.outage]
+    context = None
+    if args.tls_cert:
+        context = server_tls_context(
+            args.tls_cert,
+            args.tls_key,
+            args.tls_ca,
+            minimum_version=_TLS_VERSIONS.get(args.tls_min_version),
+            maximum_version=_TLS_VERSIONS.get(args.tls_max_version, ssl.TLSVersion.MAXIMUM_SUPPORTED),
+        )
+    stop_requested = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    pacs = PacsSimulator(
+        args.storage,
+        host=args.host,
+        port=args.port,
+        ae_title=args.ae_title,
+        ssl_context=context,
+        faults=faults,
+    )
+    with pacs:
+        for down_at, up_at in outages:
+            pacs.schedule_outage(down_at, up_at)
+        print(f"PACS simulator listening on {args.host}:{pacs.port}", flush=True)
+        stop_requested.wait()
+    print(pacs.stats().summary(), flush=True)
+    return 0
