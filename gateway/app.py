@@ -1,10 +1,14 @@
 """The composition root: resources in an AsyncExitStack, components in one TaskGroup, staged shutdown.
 
-Start order: spool directory, index (open + migrate), the group-commit loop, recovery, the receiver, then
-forwarders and retention; READY goes to systemd only when the receiver listens and recovery is done. Stop
-order (SIGTERM/SIGINT): stop accepting, let in-flight C-STOREs finish within `receiver.shutdown_timeout`,
-stop the receiver, stop forwarders (their claims go back to pending) and retention, then the commit loop
-(so every acknowledged row is committed), then close the index.
+Start order: metrics endpoint (so /healthz answers during startup), spool directory, index (open and
+migrate), the group-commit loop, recovery, the receiver, then forwarders, retention, the status poller
+and telemetry; READY goes to systemd only when the receiver listens and recovery is done. Stop order
+(SIGTERM/SIGINT): stop accepting, let in-flight C-STOREs finish within `receiver.shutdown_timeout`, stop
+the receiver, stop forwarders (their claims go back to pending) and the other background tasks, then the
+commit loop (so every acknowledged row is committed), then close the index.
+
+Components never import each other: they meet here, through the index, the metrics object and the
+`emit` callable (events to telemetry, which drops rather than blocks).
 
 Imports: everything below it.
 """
@@ -17,22 +21,28 @@ import signal
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
+from gateway import __version__
 from gateway import config as config_module
 from gateway.delivery_queue import DeliveryQueue
 from gateway.dul import LocalIdentity
 from gateway.forwarder import Forwarder
 from gateway.index import Index
+from gateway.metrics import Metrics, MetricsServer
 from gateway.receiver import Receiver
 from gateway.recovery import recover
 from gateway.retention import Retention
 from gateway.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
+from gateway.status import StatusPoller
 from gateway.systemd import Notifier
 from gateway.tls import client_context, server_context
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.model import Event
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
 
 
 class Gateway:
@@ -41,6 +51,7 @@ class Gateway:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
+        self.metrics = Metrics(allowed_calling_ae=config.receiver.allowed_calling_ae, version=__version__)
         self.spool = Spool(config.gateway.state_dir / "spool", config.gateway.min_free_bytes)
         self.index = Index(
             config.gateway.state_dir / "index.sqlite",
@@ -51,6 +62,16 @@ class Gateway:
         self.identity = LocalIdentity(
             IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, config.receiver.max_pdu_length
         )
+        tls = config.receiver.tls
+        self.receiver = Receiver(
+            config.receiver,
+            config.gateway.ae_title,
+            self.spool,
+            self.index,
+            metrics=self.metrics,
+            emit=self.emit,
+            ssl_context=server_context(tls) if tls is not None else None,
+        )
         self.forwarders = [
             Forwarder(
                 destination,
@@ -58,17 +79,48 @@ class Gateway:
                 self.spool,
                 self.identity,
                 ssl_context=client_context(destination.tls) if destination.tls is not None else None,
+                metrics=self.metrics,
+                emit=self.emit,
             )
             for destination in config.destinations
         ]
         self.retention = Retention(self.queue, self.spool, config.retention.keep_forwarded)
-        self.receiver: Receiver | None = None
+        self.status = StatusPoller(
+            self.index,
+            self.spool,
+            self.metrics,
+            destinations=lambda: {f.config.name: f.health.up for f in self.forwarders},
+            not_ready=self._not_ready,
+            associations=self.receiver.active_associations,
+            on_space=self._space_changed,
+            emit=self.emit,
+        )
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+
+    def emit(self, event: Event) -> None:
+        """Report an event to telemetry; never blocks (and is a no-op without telemetry)."""
+        log.debug("event %s from %s", event.kind, event.source or "gateway")
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
         self._stop.set()
+
+    def _not_ready(self) -> list[str]:
+        reasons = []
+        if not self.receiver.listening.is_set():
+            reasons.append("receiver not listening")
+        if self.receiver.held is not None:
+            reasons.append(f"not accepting associations: {self.receiver.held}")
+        if self.index.failing:
+            reasons.append("index commits failing")
+        return reasons
+
+    def _space_changed(self, has_room: bool) -> None:
+        if has_room:
+            self.receiver.reserve_reached = False
+        else:
+            self.retention.wake()  # delivered files go first
 
     async def run(self, *, handle_signals: bool = False) -> None:
         """Run every component until stopped; returns after a clean shutdown."""
@@ -79,49 +131,53 @@ class Gateway:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
         async with AsyncExitStack() as stack:
+            if self.config.metrics is not None:
+                server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port)
+                server.start()
+                stack.callback(server.stop)
             self.config.gateway.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             await asyncio.to_thread(self.spool.prepare)
             await stack.enter_async_context(self.index)
             async with asyncio.TaskGroup() as tg:
+                heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
                 commit_loop = tg.create_task(self.index.run(), name="index-commit")
                 await recover(self.spool, self.index)
-                receiver = self._make_receiver()
-                receiving = tg.create_task(receiver.run(), name="receiver")
-                await _first(receiver.listening.wait(), receiving)
+                receiving = tg.create_task(self.receiver.run(), name="receiver")
+                await _first(self.receiver.listening.wait(), receiving)
                 background = [
                     tg.create_task(forwarder.run(), name=f"forwarder[{forwarder.config.name}]")
                     for forwarder in self.forwarders
                 ]
                 background.append(tg.create_task(self.retention.run(), name="retention"))
+                background.append(tg.create_task(self.status.run(), name="status"))
+                background.append(heartbeat)
                 self.ready.set()
-                self.notifier.ready(f"receiving on port {receiver.port}")
+                self.notifier.ready(f"receiving on port {self.receiver.port}")
                 log.info("Gateway %s ready", self.config.gateway.node_id)
                 await _first(self._stop.wait(), receiving)
-                self.notifier.stopping()
-                log.info(
-                    "Shutting down: draining associations (up to %.0f s)",
-                    self.config.receiver.shutdown_timeout,
-                )
-                if not await receiver.drain(self.config.receiver.shutdown_timeout):
-                    log.warning("Associations still open at the shutdown deadline are aborted")
-                receiving.cancel()
-                await asyncio.gather(receiving, return_exceptions=True)
-                for task in background:  # an association in progress is aborted; its claim released
-                    task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
+                await self._shutdown(receiving, background)
                 commit_loop.cancel()
         log.info("Gateway stopped")
 
-    def _make_receiver(self) -> Receiver:
-        tls = self.config.receiver.tls
-        self.receiver = Receiver(
-            self.config.receiver,
-            self.config.gateway.ae_title,
-            self.spool,
-            self.index,
-            server_context(tls) if tls is not None else None,
-        )
-        return self.receiver
+    async def _shutdown(self, receiving: asyncio.Task[None], background: list[asyncio.Task[None]]) -> None:
+        self.notifier.stopping()
+        self.metrics.set_readiness(["shutting down"])
+        grace = self.config.receiver.shutdown_timeout
+        log.info("Shutting down: draining associations (up to %.0f s)", grace)
+        if not await self.receiver.drain(grace):
+            log.warning("Associations still open at the shutdown deadline are aborted")
+        receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+        for task in background:  # an association in progress is aborted; its claim released
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+
+    async def _heartbeat(self) -> None:
+        """Prove the event loop turns: /healthz, and the systemd watchdog when it is enabled."""
+        while True:
+            self.metrics.beat()
+            self.notifier.watchdog()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 async def _first(waiter: object, task: asyncio.Task[None]) -> None:

@@ -104,6 +104,7 @@ class Reject:
     source: int
     reason: int
     why: str
+    label: str = "rejected"  # a fixed word for metrics (calling_ae, called_ae, network, limit, ...)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,16 @@ class ConfigError(GatewayError):
 
 
 class StoreError(GatewayError):
-    """Storing one object failed; ``status`` is the DIMSE status the peer gets for it."""
+    """Storing one object failed; ``status`` is the DIMSE status the peer gets for it.
 
-    def __init__(self, status: int, message: str, uid: str = "") -> None:
+    ``reason`` is a short fixed word for metrics labels (reserve, disk_full, io_error, index, unreadable,
+    mismatch, invalid_uid, duplicate, sop_class, unsupported).
+    """
+
+    def __init__(self, status: int, message: str, uid: str = "", *, reason: str = "error") -> None:
         self.status = status
         self.uid = uid
+        self.reason = reason
         super().__init__(message)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from gateway.errors import GatewayError, ProtocolError
-from gateway.model import Delivery, DeliveryResult, DeliveryState
+from gateway.model import Delivery, DeliveryResult, DeliveryState, Event, EventKind, ignore_event
 from gateway.requestor import AssociationError, Peer, RequestorAssociation
 from gateway.retry import Outcome, backoff_delay, classify_status
 from gateway.spool import dataset_offset, file_sha256
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from gateway.config import DestinationConfig
     from gateway.delivery_queue import DeliveryQueue
     from gateway.dul import LocalIdentity
+    from gateway.metrics import Metrics
     from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class Forwarder:
         identity: LocalIdentity,
         *,
         ssl_context: ssl.SSLContext | None,
-        on_health_change: Callable[[str, bool, str], None] | None = None,
+        metrics: Metrics,
+        emit: Callable[[Event], None] = ignore_event,
     ) -> None:
         self.config = config
         self._queue = queue
@@ -108,10 +110,17 @@ class Forwarder:
             dimse_timeout=config.dimse_timeout,
             network_timeout=config.network_timeout,
         )
-        self.health = DestinationHealth(config.name, on_change=on_health_change)
+        self._metrics = metrics
+        self._emit = emit
+        self.health = DestinationHealth(config.name, on_change=self._health_changed)
+        metrics.destination_up.labels(destination=config.name).set(1)
         self._probe_lock = asyncio.Lock()
         self.associations_opened = 0  # every association attempt, probes included (tests, metrics)
         self.sent = 0
+
+    def _health_changed(self, name: str, up: bool, error: str) -> None:
+        self._metrics.destination_up.labels(destination=name).set(1 if up else 0)
+        self._emit(Event(EventKind.DESTINATION, {"up": up, "error": "" if up else error}, source=name))
 
     async def run(self) -> None:
         """Run `max_parallel` workers in one task group until cancelled."""
@@ -167,6 +176,33 @@ class Forwarder:
             for delivery in batch:  # not sent (or cut off): back to pending, due at once, no attempt counted
                 results.setdefault(delivery.instance_id, _released(delivery, now))
             await asyncio.shield(self._queue.settle(self.config.name, claim_id, list(results.values())))
+            self._account(batch, results)
+
+    def _account(self, batch: list[Delivery], results: dict[int, DeliveryResult]) -> None:
+        """Metrics and events for a settled batch."""
+        name = self.config.name
+        now = time.time()
+        for delivery in batch:
+            result = results[delivery.instance_id]
+            if result.state is DeliveryState.DONE:
+                self._metrics.instances_forwarded.labels(destination=name).inc()
+                self._metrics.bytes_forwarded.labels(destination=name).inc(delivery.size_bytes)
+                self._metrics.forward_latency.labels(destination=name).observe(
+                    max(now - delivery.received_at, 0)
+                )
+            elif not result.attempted:
+                continue
+            elif result.state is DeliveryState.FAILED:
+                self._metrics.forward_failures.labels(destination=name, kind="failed").inc()
+                payload = {
+                    "sop_instance_uid": delivery.sop_instance_uid,
+                    "status": result.status,
+                    "error": result.error,
+                }
+                self._emit(Event(EventKind.DELIVERY_FAILED, payload, source=name))
+            else:
+                kind = "refused" if result.refused else "transient"
+                self._metrics.forward_failures.labels(destination=name, kind=kind).inc()
 
     async def _send_batch(self, batch: list[Delivery], results: dict[int, DeliveryResult]) -> None:
         contexts = list(dict.fromkeys((d.sop_class_uid, d.transfer_syntax_uid) for d in batch))
@@ -174,6 +210,7 @@ class Forwarder:
         try:
             association = await RequestorAssociation.open(self._peer, self._identity, contexts)
         except (AssociationError, ProtocolError, OSError) as exc:
+            self._metrics.forward_failures.labels(destination=self.config.name, kind="association").inc()
             self.health.mark_down(str(exc))
             return
         self.health.mark_up()

@@ -142,6 +142,7 @@ class Index:
         self._tx_lock = asyncio.Lock()  # one connection: transactions of different tasks must not interleave
         self._committed = asyncio.Event()  # replaced after each group commit: a broadcast to waiters
         self.commits = 0  # group commits done (observability and tests)
+        self.failing = False  # the last group commit failed (readiness)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -265,6 +266,7 @@ class Index:
 
     def _answer(self, batch: list[_PendingRow], write: asyncio.Future[None]) -> None:
         exc = write.exception()
+        self.failing = exc is not None
         if exc is None:
             self.commits += 1
             self._committed.set()

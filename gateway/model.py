@@ -6,7 +6,12 @@ Imports: errors (and stdlib) only. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class DeliveryState(enum.StrEnum):
@@ -97,3 +102,39 @@ class DeliveryResult:
     refused: bool = False
     status: int | None = None
     error: str | None = None
+
+
+class EventKind(enum.StrEnum):
+    """What an event reports; the MQTT topic is ``events/<kind>`` (``device/<name>`` for readings)."""
+
+    ASSOCIATION = "association"  # one summary per association, never one per image
+    DESTINATION = "destination"  # a destination went up or down
+    DELIVERY_FAILED = "delivery_failed"  # a delivery ended `failed`
+    RESERVE = "reserve"  # the spool reached (or left) its free-space reserve
+    DEVICE = "device"  # a serial device reading (payload: the reading)
+    DEVICE_STATUS = "device_status"  # a serial device went silent or came back
+    POWER = "power"  # the power policy stopped or resumed accepting associations
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something ops should hear about. Payloads carry UIDs at most, never patient names or IDs."""
+
+    kind: EventKind
+    payload: Mapping[str, object]
+    source: str = ""  # e.g. the destination or device name (devices: used in the topic)
+    at: float = field(default_factory=time.time)
+
+
+def ignore_event(_event: Event) -> None:
+    """An event sink for components running without telemetry."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReading:
+    """One poll of a serial device: numeric quantities (gauges) and flags (UPS status bits)."""
+
+    device: str
+    values: Mapping[str, float]
+    flags: Mapping[str, bool] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)

@@ -41,7 +41,7 @@ from gateway.dul import (
     negotiate_contexts,
 )
 from gateway.errors import IndexDatabaseError, ProtocolError, StoreError
-from gateway.model import StoredInstance
+from gateway.model import Event, EventKind, StoredInstance, ignore_event
 from gateway.spool import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from gateway.config import ReceiverConfig
     from gateway.index import Index
+    from gateway.metrics import Metrics
     from gateway.model import DuplicatePolicy
 
 log = logging.getLogger(__name__)
@@ -99,34 +100,50 @@ def supported_contexts() -> list[PresentationContext]:
 class AccessPolicy:
     """Deny-by-default access control and presentation negotiation for incoming associations."""
 
-    def __init__(self, config: ReceiverConfig, ae_title: str, active: Callable[[], int]) -> None:
+    def __init__(
+        self, config: ReceiverConfig, ae_title: str, active: Callable[[], int], metrics: Metrics
+    ) -> None:
         self._config = config
         self._ae_title = ae_title
         self._active = active
+        self._metrics = metrics
         self._supported = supported_contexts()
         self._any_caller = config.allowed_calling_ae == ("*",)
         self._callers = frozenset(config.allowed_calling_ae)
+        self.hold_reason: str | None = None  # set while new associations are refused (power failure)
 
-    def negotiate(self, request: A_ASSOCIATE, protocol_version: int, peer: str) -> Accept | Reject:  # noqa: PLR0911 - one return per PS3.8 reason
+    def negotiate(self, request: A_ASSOCIATE, protocol_version: int, peer: str) -> Accept | Reject:
         """Reject with the PS3.8 result/source/reason that fits, or accept the negotiated contexts."""
+        decision = self._decide(request, protocol_version, peer)
+        if isinstance(decision, Reject):
+            self._metrics.associations_rejected.labels(reason=decision.label).inc()
+        else:
+            calling = self._metrics.calling_ae(request.calling_ae_title.strip())
+            self._metrics.associations_accepted.labels(calling_ae=calling).inc()
+        return decision
+
+    def _decide(self, request: A_ASSOCIATE, protocol_version: int, peer: str) -> Accept | Reject:  # noqa: PLR0911 - one return per PS3.8 reason
         called = request.called_ae_title.strip()
         calling = request.calling_ae_title.strip()
         if not protocol_version & 0x0001:
-            return Reject(1, 2, 2, f"protocol version {protocol_version} not supported")
+            return Reject(1, 2, 2, f"protocol version {protocol_version} not supported", "protocol")
         if request.application_context_name != "1.2.840.10008.3.1.1.1":
-            return Reject(1, 1, 2, f"application context {request.application_context_name} not supported")
+            why = f"application context {request.application_context_name} not supported"
+            return Reject(1, 1, 2, why, "protocol")
         if not self._address_allowed(peer):
-            return Reject(1, 1, 1, "peer address not in allowed_networks")
+            return Reject(1, 1, 1, "peer address not in allowed_networks", "network")
         if self._config.require_called_ae and called != self._ae_title:
-            return Reject(1, 1, 7, f"called AE title {called!r} is not ours")
+            return Reject(1, 1, 7, f"called AE title {called!r} is not ours", "called_ae")
         if not self._any_caller and calling not in self._callers:
-            return Reject(1, 1, 3, f"calling AE title {calling!r} not in allowed_calling_ae")
+            return Reject(1, 1, 3, f"calling AE title {calling!r} not in allowed_calling_ae", "calling_ae")
+        if self.hold_reason is not None:  # transient, temporary congestion: the scanner retries later
+            return Reject(2, 3, 1, f"not accepting: {self.hold_reason}", "hold")
         if self._active() > self._config.max_associations:
-            return Reject(2, 3, 2, f"max_associations ({self._config.max_associations}) reached")
+            return Reject(2, 3, 2, f"max_associations ({self._config.max_associations}) reached", "limit")
         contexts, roles = negotiate_contexts(request, self._supported)
         _prefer_requested_syntax(request, contexts, self._supported)
         if not any(cx.result == 0 for cx in contexts):
-            return Reject(1, 1, 1, "no acceptable presentation context")
+            return Reject(1, 1, 1, "no acceptable presentation context", "no_contexts")
         return Accept(contexts, roles)
 
     def _address_allowed(self, peer: str) -> bool:
@@ -180,7 +197,11 @@ class StoreService:
         self._association = association
         self._receiver = receiver
         self._current: _Incoming | None = None
+        self._started = time.monotonic()
         self.stored = 0
+        self.failed = 0
+        self.bytes = 0
+        receiver.metrics.associations_active.inc()
 
     async def on_command(self, context_id: int, command: bytes) -> None:
         """Dispatch one request."""
@@ -195,9 +216,8 @@ class StoreService:
         elif request.field == C_STORE_RQ and request.has_dataset:
             self._current = self._start_store(context_id, request, abstract)
         elif request.has_dataset:  # not ours: swallow its data set, then refuse
-            error = StoreError(
-                STATUS_UNRECOGNIZED_OPERATION, f"operation 0x{request.field:04x} not supported"
-            )
+            message = f"operation 0x{request.field:04x} not supported"
+            error = StoreError(STATUS_UNRECOGNIZED_OPERATION, message, reason="unsupported")
             self._current = _Incoming(request, context_id, None, error)
         else:
             await self._respond(context_id, request, STATUS_UNRECOGNIZED_OPERATION, "operation not supported")
@@ -206,15 +226,13 @@ class StoreService:
         receiver = self._receiver
         uid = request.sop_instance_uid
         if request.sop_class_uid != abstract:
-            error = StoreError(
-                STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context"
-            )
+            message = "SOP class differs from the presentation context"
+            error = StoreError(STATUS_SOP_CLASS_NOT_SUPPORTED, message, reason="sop_class")
             return _Incoming(request, context_id, None, error)
         if not is_valid_uid(uid):
             log.warning("Refusing C-STORE from %s: invalid Affected SOP Instance UID", self._association.peer)
-            return _Incoming(
-                request, context_id, None, StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID")
-            )
+            error = StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID", reason="invalid_uid")
+            return _Incoming(request, context_id, None, error)
         syntax = str(self._association.contexts[context_id].transfer_syntax[0])
         meta = FileMetaSpec(abstract, uid, syntax, self._association.calling_ae)
         return _Incoming(request, context_id, receiver.spool.open_object(uid, meta), None)
@@ -258,6 +276,7 @@ class StoreService:
         writer = incoming.writer
         if incoming.error is not None or writer is None:
             error = incoming.error or StoreError(STATUS_OUT_OF_RESOURCES, "not stored")
+            self.failed += 1
             self._receiver.note_failure(self._association, error)
             return error.status, str(error)
         receiver = self._receiver
@@ -280,9 +299,14 @@ class StoreService:
                     )
                     await receiver.commit(instance, finished.placement)
         except StoreError as exc:
+            self.failed += 1
             receiver.note_failure(self._association, exc)
             return exc.status, str(exc)
         self.stored += 1
+        self.bytes += finished.size_bytes
+        calling = receiver.metrics.calling_ae(self._association.calling_ae)
+        receiver.metrics.instances_received.labels(calling_ae=calling).inc()
+        receiver.metrics.bytes_received.labels(calling_ae=calling).inc(finished.size_bytes)
         return STATUS_SUCCESS, ""
 
     async def _respond(self, context_id: int, request: Command, status: int, comment: str = "") -> None:
@@ -298,12 +322,29 @@ class StoreService:
                 await self._settle(incoming)
             if incoming.writer is not None:
                 await self._receiver.run_blocking(incoming.writer.discard)
+        receiver = self._receiver
+        receiver.metrics.associations_active.dec()
         log.info(
-            "Association from %s (%s) ended%s: %d stored",
+            "Association from %s (%s) ended%s: %d stored, %d refused",
             self._association.peer,
             self._association.calling_ae,
             "" if clean else " abnormally",
             self.stored,
+            self.failed,
+        )
+        receiver.emit(
+            Event(
+                EventKind.ASSOCIATION,
+                {
+                    "peer": self._association.peer,
+                    "calling_ae": self._association.calling_ae,
+                    "stored": self.stored,
+                    "refused": self.failed,
+                    "bytes": self.bytes,
+                    "seconds": round(time.monotonic() - self._started, 3),
+                    "clean": clean,
+                },
+            )
         )
 
 
@@ -316,14 +357,20 @@ class Receiver:
         ae_title: str,
         spool: Spool,
         index: Index,
+        *,
+        metrics: Metrics,
+        emit: Callable[[Event], None] = ignore_event,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.index = index
+        self.metrics = metrics
+        self.emit = emit
+        self.reserve_reached = False  # cleared by the status poller when space returns
         self.duplicate_policy: DuplicatePolicy = config.duplicate_policy
         self._ssl = ssl_context
-        self._policy = AccessPolicy(config, ae_title, self._count_active)
+        self._policy = AccessPolicy(config, ae_title, self._count_active, metrics)
         self._identity = LocalIdentity(
             IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, config.max_pdu_length
         )
@@ -335,6 +382,19 @@ class Receiver:
         self.listening = asyncio.Event()
         self.stored = 0
         self.failures = 0
+
+    def hold(self, reason: str | None) -> None:
+        """Refuse new associations (transiently) while `reason` is set; those in progress go on."""
+        self._policy.hold_reason = reason
+
+    @property
+    def held(self) -> str | None:
+        """Why new associations are refused, or None."""
+        return self._policy.hold_reason
+
+    def active_associations(self) -> int:
+        """Associations open right now."""
+        return len(self._associations)
 
     def _count_active(self) -> int:
         """Associations that count toward max_associations (not those only waiting for the close)."""
@@ -362,14 +422,17 @@ class Receiver:
         except IndexDatabaseError as exc:
             if placement is Placement.NEW:
                 await self.run_blocking(self.spool.delete, instance.file_name)
-            raise StoreError(
-                STATUS_OUT_OF_RESOURCES, "index unavailable", instance.header.sop_instance_uid
-            ) from exc
+            uid = instance.header.sop_instance_uid
+            raise StoreError(STATUS_OUT_OF_RESOURCES, "index unavailable", uid, reason="index") from exc
         self.stored += 1
 
     def note_failure(self, association: Association, error: StoreError) -> None:
         """Count and log a refused object (UIDs may be logged; patient data never is)."""
         self.failures += 1
+        self.metrics.store_failures.labels(reason=error.reason).inc()
+        if error.reason in {"reserve", "disk_full"} and not self.reserve_reached:
+            self.reserve_reached = True
+            self.emit(Event(EventKind.RESERVE, {"reached": True, "reason": str(error)}))
         log.warning(
             "C-STORE from %s (%s) refused with 0x%04X: %s",
             association.peer,

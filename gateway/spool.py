@@ -257,7 +257,9 @@ class Spool:
     def open_object(self, sop_instance_uid: str, meta: bytes | FileMetaSpec) -> ObjectWriter:
         """Start a temporary file for one object; the UID must already be validated."""
         if not is_valid_uid(sop_instance_uid):
-            raise StoreError(STATUS_INVALID_UID, "invalid SOP Instance UID", sop_instance_uid)
+            raise StoreError(
+                STATUS_INVALID_UID, "invalid SOP Instance UID", sop_instance_uid, reason="invalid_uid"
+            )
         return ObjectWriter(self, sop_instance_uid, meta)
 
     def remove_temp_files(self) -> int:
@@ -292,8 +294,9 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _out_of_resources(exc: OSError, uid: str) -> StoreError:
-    reason = "spool file system full" if exc.errno == errno.ENOSPC else f"spool I/O error ({exc.strerror})"
-    return StoreError(STATUS_OUT_OF_RESOURCES, reason, uid)
+    if exc.errno == errno.ENOSPC:
+        return StoreError(STATUS_OUT_OF_RESOURCES, "spool file system full", uid, reason="disk_full")
+    return StoreError(STATUS_OUT_OF_RESOURCES, f"spool I/O error ({exc.strerror})", uid, reason="io_error")
 
 
 class ObjectWriter:
@@ -322,7 +325,9 @@ class ObjectWriter:
             self._pending_meta = self._meta_spec.encode()
         if not self._spool.has_room(len(data) + len(self._pending_meta)):
             self.discard()
-            raise StoreError(STATUS_OUT_OF_RESOURCES, "free-space reserve reached", self.uid)
+            raise StoreError(
+                STATUS_OUT_OF_RESOURCES, "free-space reserve reached", self.uid, reason="reserve"
+            )
         try:
             if self._fd is None:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -380,18 +385,20 @@ class ObjectWriter:
                 header = scan_dataset(fp, self.size, syntax)
         except Exception as exc:  # pydicom raises many types on hostile bytes: all mean "unreadable"
             raise StoreError(
-                STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(exc).__name__}: {exc})"[:120], self.uid
+                STATUS_CANNOT_UNDERSTAND,
+                f"unreadable data set ({type(exc).__name__}: {exc})"[:120],
+                self.uid,
+                reason="unreadable",
             ) from exc
         if not header.sop_instance_uid or not header.sop_class_uid:
-            raise StoreError(STATUS_CANNOT_UNDERSTAND, "data set lacks SOP Class or Instance UID", self.uid)
+            message = "data set lacks SOP Class or Instance UID"
+            raise StoreError(STATUS_CANNOT_UNDERSTAND, message, self.uid, reason="unreadable")
         if self._meta_spec is not None and header.sop_class_uid != self._meta_spec.sop_class_uid:
-            raise StoreError(
-                STATUS_DATASET_MISMATCH, "data set SOP Class UID differs from the command's", self.uid
-            )
+            message = "data set SOP Class UID differs from the command's"
+            raise StoreError(STATUS_DATASET_MISMATCH, message, self.uid, reason="mismatch")
         if header.sop_instance_uid != self.uid:
-            raise StoreError(
-                STATUS_DATASET_MISMATCH, "data set SOP Instance UID differs from the command's", self.uid
-            )
+            message = "data set SOP Instance UID differs from the command's"
+            raise StoreError(STATUS_DATASET_MISMATCH, message, self.uid, reason="mismatch")
         return header
 
     def _place(self, sha256: str, policy: DuplicatePolicy) -> Placement:
@@ -408,7 +415,8 @@ class ObjectWriter:
         self._temp.unlink()
         if policy is DuplicatePolicy.KEEP_FIRST:
             return Placement.KEPT_FIRST
-        raise StoreError(STATUS_DUPLICATE, "duplicate SOP Instance UID with different content", self.uid)
+        message = "duplicate SOP Instance UID with different content"
+        raise StoreError(STATUS_DUPLICATE, message, self.uid, reason="duplicate")
 
     def discard(self) -> None:
         """Drop the temporary file (blocking); safe to call more than once."""

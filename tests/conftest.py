@@ -87,12 +87,18 @@ def write_config(
     network_timeout: str = "20s",
     receiver_extra: str = "",
     sections: str = "",
+    metrics_port: int | None = None,
 ) -> GatewaySetup:
     """Write a gateway config for tests: loopback, a free port, state under `directory`."""
     port = port or free_port()
     state_dir = directory / "state"
     callers = ", ".join(f'"{ae}"' for ae in allowed_calling_ae)
     config = directory / "gateway.toml"
+    metrics = (
+        "[metrics]\nenabled = false"
+        if metrics_port is None
+        else f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"'
+    )
     config.write_text(
         f"""
 [gateway]
@@ -110,8 +116,7 @@ acse_timeout = "{acse_timeout}"
 network_timeout = "{network_timeout}"
 {receiver_extra}
 
-[metrics]
-enabled = false
+{metrics}
 {sections}
 """,
         encoding="utf-8",
