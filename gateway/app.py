@@ -25,8 +25,10 @@ from gateway import __version__
 from gateway import config as config_module
 from gateway.delivery_queue import DeliveryQueue
 from gateway.dul import LocalIdentity
+from gateway.errors import ConfigError
 from gateway.forwarder import Forwarder
 from gateway.index import Index
+from gateway.logs import set_level
 from gateway.metrics import Metrics, MetricsServer
 from gateway.receiver import Receiver
 from gateway.recovery import recover
@@ -37,7 +39,7 @@ from gateway.systemd import Notifier
 from gateway.tls import client_context, server_context
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, DestinationConfig
     from gateway.model import Event
 
 log = logging.getLogger(__name__)
@@ -72,24 +74,16 @@ class Gateway:
             emit=self.emit,
             ssl_context=server_context(tls) if tls is not None else None,
         )
-        self.forwarders = [
-            Forwarder(
-                destination,
-                self.queue,
-                self.spool,
-                self.identity,
-                ssl_context=client_context(destination.tls) if destination.tls is not None else None,
-                metrics=self.metrics,
-                emit=self.emit,
-            )
-            for destination in config.destinations
-        ]
+        self.forwarders = {d.name: self._make_forwarder(d) for d in config.destinations}
+        self._forwarding: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._reloading = asyncio.Lock()
         self.retention = Retention(self.queue, self.spool, config.retention.keep_forwarded)
         self.status = StatusPoller(
             self.index,
             self.spool,
             self.metrics,
-            destinations=lambda: {f.config.name: f.health.up for f in self.forwarders},
+            destinations=lambda: {name: f.health.up for name, f in self.forwarders.items()},
             not_ready=self._not_ready,
             associations=self.receiver.active_associations,
             on_space=self._space_changed,
@@ -97,6 +91,22 @@ class Gateway:
         )
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+
+    def _make_forwarder(self, destination: DestinationConfig) -> Forwarder:
+        return Forwarder(
+            destination,
+            self.queue,
+            self.spool,
+            self.identity,
+            ssl_context=client_context(destination.tls) if destination.tls is not None else None,
+            metrics=self.metrics,
+            emit=self.emit,
+        )
+
+    def _start_forwarder(self, forwarder: Forwarder) -> None:
+        assert self._tg is not None  # noqa: S101 - only called while running
+        name = forwarder.config.name
+        self._forwarding[name] = self._tg.create_task(forwarder.run(), name=f"forwarder[{name}]")
 
     def emit(self, event: Event) -> None:
         """Report an event to telemetry; never blocks (and is a no-op without telemetry)."""
@@ -130,6 +140,7 @@ class Gateway:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         async with AsyncExitStack() as stack:
             if self.config.metrics is not None:
                 server = MetricsServer(self.metrics, self.config.metrics.host, self.config.metrics.port)
@@ -139,16 +150,15 @@ class Gateway:
             await asyncio.to_thread(self.spool.prepare)
             await stack.enter_async_context(self.index)
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
                 commit_loop = tg.create_task(self.index.run(), name="index-commit")
                 await recover(self.spool, self.index)
                 receiving = tg.create_task(self.receiver.run(), name="receiver")
                 await _first(self.receiver.listening.wait(), receiving)
-                background = [
-                    tg.create_task(forwarder.run(), name=f"forwarder[{forwarder.config.name}]")
-                    for forwarder in self.forwarders
-                ]
-                background.append(tg.create_task(self.retention.run(), name="retention"))
+                for forwarder in self.forwarders.values():
+                    self._start_forwarder(forwarder)
+                background = [tg.create_task(self.retention.run(), name="retention")]
                 background.append(tg.create_task(self.status.run(), name="status"))
                 background.append(heartbeat)
                 self.ready.set()
@@ -157,6 +167,7 @@ class Gateway:
                 await _first(self._stop.wait(), receiving)
                 await self._shutdown(receiving, background)
                 commit_loop.cancel()
+            self._tg = None
         log.info("Gateway stopped")
 
     async def _shutdown(self, receiving: asyncio.Task[None], background: list[asyncio.Task[None]]) -> None:
@@ -168,9 +179,74 @@ class Gateway:
             log.warning("Associations still open at the shutdown deadline are aborted")
         receiving.cancel()
         await asyncio.gather(receiving, return_exceptions=True)
+        background = [*self._forwarding.values(), *background]
         for task in background:  # an association in progress is aborted; its claim released
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the config file in the background (safe to call from a signal handler)."""
+        if self._tg is not None:
+            self._tg.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply what can change without dropping associations.
+
+        Allow lists, limits and timeouts, destinations (added, removed, changed), retention and the log
+        level apply at once; listen address, TLS, state directory and node id need a restart (warned).
+        An invalid file is refused with every problem logged, and the running config stays.
+        """
+        async with self._reloading:
+            source = self.config.source
+            if source is None:
+                log.warning("Reload ignored: the configuration did not come from a file")
+                return False
+            try:
+                new = await asyncio.to_thread(config_module.load_config, source)
+            except ConfigError as exc:
+                for key, message in exc.problems:  # the problems are the message; no traceback
+                    log.error("Reload refused, keeping the running config: %s: %s", key or source, message)  # noqa: TRY400
+                return False
+            self._warn_restart_only(new)
+            set_level(new.gateway.log_level)
+            self.metrics.set_known_callers(new.receiver.allowed_calling_ae)
+            for key in self.receiver.reconfigure(new.receiver):
+                log.warning("receiver.%s changed: takes effect after a restart", key)
+            self.retention.keep_forwarded = new.retention.keep_forwarded
+            await self._apply_destinations(new)
+            self.config = new
+            log.info("Configuration reloaded from %s", source)
+            return True
+
+    def _warn_restart_only(self, new: Config) -> None:
+        old = self.config
+        for key, before, after in [
+            ("gateway.node_id", old.gateway.node_id, new.gateway.node_id),
+            ("gateway.ae_title", old.gateway.ae_title, new.gateway.ae_title),
+            ("gateway.state_dir", old.gateway.state_dir, new.gateway.state_dir),
+            ("gateway.min_free_bytes", old.gateway.min_free_bytes, new.gateway.min_free_bytes),
+            ("metrics", old.metrics, new.metrics),
+        ]:
+            if before != after:
+                log.warning("%s changed: takes effect after a restart", key)
+
+    async def _apply_destinations(self, new: Config) -> None:
+        """Stop removed and changed forwarders (their claims go back to pending), start new ones."""
+        wanted = {d.name: d for d in new.destinations}
+        for name, forwarder in list(self.forwarders.items()):
+            if wanted.get(name) != forwarder.config:
+                task = self._forwarding.pop(name, None)
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                del self.forwarders[name]
+                log.info("Destination %s %s", name, "changed" if name in wanted else "removed")
+        await self.index.set_destinations(list(wanted))
+        for name, destination in wanted.items():
+            if name not in self.forwarders:
+                self.forwarders[name] = self._make_forwarder(destination)
+                self._start_forwarder(self.forwarders[name])
+                log.info("Destination %s started", name)
 
     async def _heartbeat(self) -> None:
         """Prove the event loop turns: /healthz, and the systemd watchdog when it is enabled."""

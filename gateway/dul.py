@@ -277,6 +277,11 @@ class Association:
         self.abort_sent = False
 
     @property
+    def sink(self) -> DimseSink | None:
+        """Who receives this association's DIMSE traffic (None before it is accepted)."""
+        return self._sink
+
+    @property
     def calling_ae(self) -> str:
         """The peer's AE title (empty before the request)."""
         return "" if self.request is None else self.request.calling_ae_title.strip()

@@ -163,7 +163,7 @@ class Index:
         self._db = await connect(self.path)
         try:
             await self._migrate()
-            await self._set_destinations()
+            await self.set_destinations(self.destinations)
         except BaseException:
             await self.close()
             raise
@@ -195,7 +195,9 @@ class Index:
                 f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target}; COMMIT;"
             )
 
-    async def _set_destinations(self) -> None:
+    async def set_destinations(self, names: Sequence[str]) -> None:
+        """The destinations new instances get deliveries for (at start, and on a config reload)."""
+        self.destinations = tuple(names)
         async with self.transaction() as db:
             await db.execute("DELETE FROM destinations")
             await db.executemany(

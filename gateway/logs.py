@@ -48,6 +48,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+def set_level(level: str) -> None:
+    """Change the log level of a running process (a config reload)."""
+    logging.getLogger().setLevel(_LEVELS.get(level, logging.INFO))
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Send the gateway's logs to stderr in the configured format (replaces earlier handlers)."""
     handler = logging.StreamHandler(sys.stderr)

@@ -165,6 +165,10 @@ class Metrics:
         self.heartbeat = time.monotonic()
         self.not_ready_reasons: tuple[str, ...] = ("starting",)
 
+    def set_known_callers(self, allowed_calling_ae: Iterable[str]) -> None:
+        """The calling AE titles that get their own label (a reload may change the allow list)."""
+        self._known_callers = frozenset(ae for ae in allowed_calling_ae if ae != "*")
+
     def calling_ae(self, title: str) -> str:
         """The label value for a calling AE title: itself when allow-listed by name, else "other"."""
         return title if title in self._known_callers else OTHER_AE

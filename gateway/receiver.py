@@ -103,14 +103,18 @@ class AccessPolicy:
     def __init__(
         self, config: ReceiverConfig, ae_title: str, active: Callable[[], int], metrics: Metrics
     ) -> None:
-        self._config = config
         self._ae_title = ae_title
         self._active = active
         self._metrics = metrics
         self._supported = supported_contexts()
+        self.hold_reason: str | None = None  # set while new associations are refused (power failure)
+        self.configure(config)
+
+    def configure(self, config: ReceiverConfig) -> None:
+        """Take new allow lists and limits (a reload); associations already accepted are unaffected."""
+        self._config = config
         self._any_caller = config.allowed_calling_ae == ("*",)
         self._callers = frozenset(config.allowed_calling_ae)
-        self.hold_reason: str | None = None  # set while new associations are refused (power failure)
 
     def negotiate(self, request: A_ASSOCIATE, protocol_version: int, peer: str) -> Accept | Reject:
         """Reject with the PS3.8 result/source/reason that fits, or accept the negotiated contexts."""
@@ -249,8 +253,8 @@ class StoreService:
             if len(incoming.buffer) >= WRITE_CHUNK and not last:
                 await self._write_chunk(incoming)
         if last:
-            self._current = None
             status, comment = await self._finish(incoming)
+            self._current = None
             await self._respond(context_id, incoming.command, status, comment)
 
     async def _write_chunk(self, incoming: _Incoming) -> None:
@@ -313,6 +317,13 @@ class StoreService:
         await self._association.send_message(
             context_id, encode_response(request, status, comment), command=True
         )
+        if self._receiver.draining:  # shutting down: end the association between messages
+            await self._association.request_release()
+
+    @property
+    def idle(self) -> bool:
+        """True between messages (no data set being received or made durable)."""
+        return self._current is None
 
     async def on_close(self, clean: bool) -> None:
         """Drop a half-received object: its temporary file must not survive the association."""
@@ -368,6 +379,7 @@ class Receiver:
         self.metrics = metrics
         self.emit = emit
         self.reserve_reached = False  # cleared by the status poller when space returns
+        self.draining = False  # shutting down: associations are released as soon as they are idle
         self.duplicate_policy: DuplicatePolicy = config.duplicate_policy
         self._ssl = ssl_context
         self._policy = AccessPolicy(config, ae_title, self._count_active, metrics)
@@ -382,6 +394,16 @@ class Receiver:
         self.listening = asyncio.Event()
         self.stored = 0
         self.failures = 0
+
+    def reconfigure(self, config: ReceiverConfig) -> list[str]:
+        """Apply a reloaded [receiver] section; returns the changed keys that need a restart."""
+        fixed = ("host", "port", "tls", "max_pdu_length")
+        needs_restart = [key for key in fixed if getattr(config, key) != getattr(self.config, key)]
+        self.config = config
+        self.duplicate_policy = config.duplicate_policy
+        self._timeouts = Timeouts(acse=config.acse_timeout, network=config.network_timeout)
+        self._policy.configure(config)
+        return needs_restart
 
     def hold(self, reason: str | None) -> None:
         """Refuse new associations (transiently) while `reason` is set; those in progress go on."""
@@ -469,10 +491,13 @@ class Receiver:
 
     async def drain(self, grace: float) -> bool:
         """Ask idle associations to release and wait up to `grace` seconds for all to end; True if all did."""
+        self.draining = True
         self.stop_accepting()
         for association in list(self._associations):
-            with contextlib.suppress(Exception):
-                await association.request_release()
+            service = association.sink
+            if isinstance(service, StoreService) and service.idle:
+                with contextlib.suppress(Exception):
+                    await association.request_release()
         if not self._connections:
             return True
         _, pending = await asyncio.wait(set(self._connections), timeout=grace)
