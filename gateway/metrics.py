@@ -128,6 +128,9 @@ class Metrics:
         )
         self.ready = Gauge(f"{PREFIX}_ready", "1 when the gateway accepts associations.", registry=r)
         # telemetry
+        self.mqtt_enabled = Gauge(
+            f"{PREFIX}_mqtt_enabled", "1 when an [mqtt] broker is configured.", registry=r
+        )
         self.mqtt_connected = Gauge(
             f"{PREFIX}_mqtt_connected", "1 while connected to the broker.", registry=r
         )
