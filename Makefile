@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests talk to (real peers, not mocks).
-DEB_PACKAGES := dcmtk mosquitto prometheus
+DEB_PACKAGES := dcmtk mosquitto prometheus systemd
 # The benchmarks' peers: the tests' packages and Orthanc (not needed by `make test`).
 BENCH_DEB_PACKAGES := $(DEB_PACKAGES) orthanc
 STAMP := $(VENV)/.installed
