@@ -2,7 +2,7 @@
 
 Exit codes: 0 when everything went as asked, 1 when anything failed (a failure status, a rejected or
 aborted association, an unreachable peer), 2 for usage errors. `pacs` serves until SIGINT or SIGTERM and
-then exits 0, whatever its peers did.
+then exits 0, whatever its peers did; so does `serial`.
 
 May import: the simulators' modules.
 """
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from simulators.datasets import TRANSFER_SYNTAXES, StudySpec
 from simulators.pacs import PacsFaults, PacsSimulator, server_tls_context
 from simulators.scanner import DEFAULT_MAX_PDU, ScanOptions, TlsOptions, run_scanner
+from simulators.serialdev import KeyValueSimulator, UpsSimulator, parse_script
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_scanner_parser(commands)
     _add_pacs_parser(commands)
+    _add_serial_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -300,4 +302,45 @@ def _run_pacs_command(args: argparse.Namespace) -> int:
         print(f"PACS simulator listening on {args.host}:{pacs.port}", flush=True)
         stop_requested.wait()
     print(pacs.stats().summary(), flush=True)
+    return 0
+
+
+def _add_serial_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "serial",
+        help="a UPS (Megatec Q1) or a key=value sensor on a pty pair",
+        description=(
+            "Serve a simulated serial device on a new pty until SIGINT/SIGTERM; point the gateway's "
+            "[[serial]] port at the path printed on start. Script actions: power_fail, battery_low, "
+            "power_restore (UPS only), silence, resume."
+        ),
+    )
+    parser.add_argument("--protocol", choices=["megatec-q1", "keyvalue"], default="megatec-q1")
+    parser.add_argument(
+        "--script",
+        default="",
+        metavar="AT:ACTION,...",
+        help='timed actions, seconds after start, e.g. "10:power_fail,20:battery_low,40:power_restore"',
+    )
+    parser.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="keyvalue: seconds between lines"
+    )
+    parser.set_defaults(run=_run_serial_command)
+
+
+def _run_serial_command(args: argparse.Namespace) -> int:
+    steps = parse_script(args.script)
+    stop_requested = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    device = UpsSimulator() if args.protocol == "megatec-q1" else KeyValueSimulator(interval=args.interval)
+    with device:
+        device.run_script(steps)  # unknown actions raise here, before the READY line
+        print(f"serial simulator on {device.path}", flush=True)
+        stop_requested.wait()
+    print(f"serial simulator: {device.polls} polls", flush=True)
     return 0
