@@ -94,12 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.add_argument("--show-patient-id", action="store_true", help="include the patient ID (PHI)")
     again = actions.add_parser("retry", help="send deliveries again: due now, attempts back to 0")
-    _selector_arguments(again)
+    _selector_arguments(again, narrows=True)
     again.add_argument(
         "--include-done", action="store_true", help="with UID or --study: re-send delivered ones"
     )
     remove = actions.add_parser("purge", help="remove instances from the index and their spool files")
-    _selector_arguments(remove)
+    _selector_arguments(remove, narrows=False)
     remove.add_argument("--delivered", action="store_true", help="every instance delivered everywhere")
     remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     remove.add_argument(
@@ -108,10 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _selector_arguments(parser: argparse.ArgumentParser) -> None:
+def _selector_arguments(parser: argparse.ArgumentParser, *, narrows: bool) -> None:
     parser.add_argument("uid", nargs="?", help="one instance's SOP Instance UID")
     parser.add_argument("--study", metavar="UID", help="every instance of this Study Instance UID")
-    parser.add_argument("--destination", metavar="NAME", help="with --failed: this destination's")
+    where = "with --failed: this destination's" + ("; with UID or --study: only this one" if narrows else "")
+    parser.add_argument("--destination", metavar="NAME", help=where)
     parser.add_argument("--failed", action="store_true", help="with --destination: its failed deliveries")
     parser.add_argument("--all-failed", action="store_true", help="every instance with a failed delivery")
 
@@ -173,6 +174,10 @@ def _size(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def _n(count: int, singular: str, plural: str = "") -> str:
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
 def _hex(status: int | None) -> str | None:
@@ -373,7 +378,7 @@ def _queue_show(config: Config, args: argparse.Namespace) -> int:
         ("File", f"{path} ({instance.file_state}; {on_disk} on disk)"),
         (
             "Received",
-            f"{_local(instance.received_at)} from {instance.calling_ae} {instance.peer_address}".rstrip(),
+            f"{_local(instance.received_at)} from {instance.calling_ae} at {instance.peer_address or '?'}",
         ),
         ("Delivered", _local(instance.delivered_at) if instance.delivered_at else "not everywhere yet"),
     ]
@@ -428,7 +433,7 @@ def _queue_retry(config: Config, args: argparse.Namespace) -> int:
         raise AdminError(f"nothing to retry for {selector.describe()}: not in the index, or no such delivery")
     per_destination = ", ".join(f"{count} to {name}" for name, count in sorted(report.requeued.items()))
     print(
-        f"re-queued {report.total} deliveries of {report.instances} instances"
+        f"re-queued {_n(report.total, 'delivery', 'deliveries')} of {_n(report.instances, 'instance')}"
         + (f" ({per_destination})" if per_destination else "")
     )
     if report.total:
@@ -453,31 +458,30 @@ def _queue_purge(config: Config, args: argparse.Namespace) -> int:
     spool = Spool(config.gateway.state_dir / "spool", config.gateway.min_free_bytes)
     with open_index(index_path(config.gateway.state_dir), write=True) as db:
         plan = plan_purge(db, selector)
-        if not plan.candidates:
+        if not plan.instances:
             if selector.uid is not None:
                 raise AdminError(f"no instance {selector.uid} in the index")
             print(f"nothing to purge: no {selector.describe()}")
             return 0
-        undelivered = (
-            f", {len(plan.undelivered)} of them NOT delivered everywhere" if plan.undelivered else ""
-        )
-        summary = (
-            f"{len(plan.candidates)} instances ({_size(plan.size_bytes)}){undelivered}: {selector.describe()}"
-        )
-        if not plan.in_flight and (args.force or not plan.undelivered) and not args.yes:
-            _confirm(f"purge {summary}? This removes their index rows and spool files. [y/N] ")
-        report = purge(db, plan, spool, force=args.force)
-    for uid in report.purged:
-        print(f"purged {uid}")
-    print(
-        f"purged {len(report.purged)} instances: their rows and deliveries, and {report.files_removed} spool "
-        f"files ({_size(report.bytes_removed)})"
-    )
-    if report.skipped:
-        changed = " ".join(report.skipped)
-        print(
-            f"skipped {len(report.skipped)} that changed meanwhile (now in flight or undelivered): {changed}"
-        )
+        batches = purge(db, plan, spool, force=args.force)  # refuses here, before asking
+        if not args.yes:
+            undelivered = f", {plan.undelivered} of them NOT delivered everywhere" if plan.undelivered else ""
+            selected = f"{_n(plan.instances, 'instance')} ({_size(plan.size_bytes)}){undelivered}"
+            _confirm(f"purge {selected}: {selector.describe()}? Their index rows and spool files go. [y/N] ")
+        purged = files = size = 0
+        skipped: list[str] = []
+        for batch in batches:
+            for uid in batch.purged:
+                print(f"purged {uid}")
+            purged += len(batch.purged)
+            files += batch.files_removed
+            size += batch.bytes_removed
+            skipped += batch.skipped
+    removed = f"{_n(files, 'spool file')} ({_size(size)})"
+    print(f"purged {_n(purged, 'instance')}: their rows and deliveries, and {removed}")
+    if skipped:
+        changed = " ".join(skipped)
+        print(f"skipped {len(skipped)} that changed meanwhile (now in flight or undelivered): {changed}")
     return 0
 
 
@@ -592,18 +596,29 @@ def _explain(exc: BaseException, destination: DestinationConfig, peer: Peer) -> 
     stage = exc.stage if isinstance(exc, AssociationError) else ""
     if stage == "connect":
         return _explain_connect(cause or exc, peer)
-    plain = " (does it expect TLS? this destination has tls = false)" if destination.tls is None else ""
+    plain = _closed_hint(destination)
     if stage == "associate":
         return f"association request: {str(exc).removeprefix('associate: ')}{plain}"
     if stage:
         return str(exc).removeprefix(f"{stage}: ")
     if isinstance(exc, ProtocolError):
-        return f"protocol error from the destination: {exc}"
+        return f"protocol error: {exc} (is this a DICOM port? a proxy or web server may be answering)"
     if isinstance(exc, TimeoutError):
         return f"no answer within {peer.dimse_timeout:g} s"
     if isinstance(exc, ConnectionError):
         return f"the destination closed the connection ({exc.strerror or exc}){plain}"
     return str(exc)
+
+
+def _closed_hint(destination: DestinationConfig) -> str:
+    """Why a destination may close the connection instead of answering the association request."""
+    if destination.tls is None:
+        return " (does it expect TLS? this destination has tls = false)"
+    if destination.tls.cert is None:  # a TLS 1.3 server refuses a missing client certificate only now
+        return (
+            " right after the TLS handshake (it may require a client certificate: set tls.cert and tls.key)"
+        )
+    return " right after the TLS handshake (it may not trust our client certificate)"
 
 
 def _explain_rejection(exc: AssociationRejectedError, peer: Peer) -> str:
@@ -639,7 +654,8 @@ def _explain_tls(error: BaseException, destination: DestinationConfig, peer: Pee
     ca = str(destination.tls.ca) if destination.tls and destination.tls.ca else "the system CA store"
     if isinstance(error, ssl.SSLCertVerificationError):
         hint = _VERIFY_HINTS.get(error.verify_code, "").format(ca=ca, hostname=peer.server_hostname)
-        return f"certificate verify failed: {error.verify_message}" + (f"; {hint}" if hint else "")
+        message = str(error.verify_message).rstrip(".")
+        return f"certificate verify failed: {message}" + (f"; {hint}" if hint else "")
     reason = getattr(error, "reason", None)
     hint = _TLS_HINTS.get(reason or "", "")
     if isinstance(error, ssl.SSLEOFError):
