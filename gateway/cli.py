@@ -43,7 +43,7 @@ from gateway.app import Gateway
 from gateway.config import load_config, parse_duration, resolve_config_path, summarize, warnings
 from gateway.dul import LocalIdentity
 from gateway.errors import ConfigError, GatewayError, ProtocolError
-from gateway.forwarder import IDLE_RECHECK, VERIFICATION
+from gateway.forwarder import IDLE_RECHECK, VERIFICATION, peer_for
 from gateway.logs import setup_logging
 from gateway.requestor import AssociationError, AssociationRejectedError, Peer, RequestorAssociation
 from gateway.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool, is_valid_uid
@@ -547,18 +547,7 @@ def _echo(config: Config, args: argparse.Namespace) -> int:
         context = client_context(destination.tls) if destination.tls is not None else None
     except (ssl.SSLError, OSError) as exc:
         raise AdminError(f"echo {destination.name}: TLS settings unusable: {exc}") from exc
-    peer = Peer(
-        host=destination.host,
-        port=destination.port,
-        called_ae=destination.called_ae,
-        calling_ae=destination.calling_ae,
-        ssl_context=context,
-        server_hostname=(destination.tls.server_hostname if destination.tls else None) or destination.host,
-        connect_timeout=destination.connect_timeout,
-        acse_timeout=destination.acse_timeout,
-        dimse_timeout=destination.dimse_timeout,
-        network_timeout=destination.network_timeout,
-    )
+    peer = peer_for(destination, context)
     identity = LocalIdentity(
         IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, config.receiver.max_pdu_length
     )

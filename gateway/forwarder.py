@@ -41,8 +41,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS: Final = 128  # PS3.8: presentation context IDs are odd numbers 1..255
-IDLE_RECHECK: Final = 30.0  # seconds an idle worker waits at most before looking again (e.g. CLI retries)
+IDLE_RECHECK: Final = 5.0  # seconds an idle worker waits at most before looking again (e.g. CLI retries)
 VERIFICATION: Final = ("1.2.840.10008.1.1", "1.2.840.10008.1.2")
+
+
+def peer_for(config: DestinationConfig, ssl_context: ssl.SSLContext | None) -> Peer:
+    """How to reach a destination: its address, AE titles, TLS and timeouts (forwarder and CLI echo)."""
+    return Peer(
+        host=config.host,
+        port=config.port,
+        called_ae=config.called_ae,
+        calling_ae=config.calling_ae,
+        ssl_context=ssl_context,
+        server_hostname=(config.tls.server_hostname if config.tls else None) or config.host,
+        connect_timeout=config.connect_timeout,
+        acse_timeout=config.acse_timeout,
+        dimse_timeout=config.dimse_timeout,
+        network_timeout=config.network_timeout,
+    )
 
 
 @dataclass
@@ -98,18 +114,7 @@ class Forwarder:
         self._queue = queue
         self._spool = spool
         self._identity = identity
-        self._peer = Peer(
-            host=config.host,
-            port=config.port,
-            called_ae=config.called_ae,
-            calling_ae=config.calling_ae,
-            ssl_context=ssl_context,
-            server_hostname=(config.tls.server_hostname if config.tls else None) or config.host,
-            connect_timeout=config.connect_timeout,
-            acse_timeout=config.acse_timeout,
-            dimse_timeout=config.dimse_timeout,
-            network_timeout=config.network_timeout,
-        )
+        self._peer = peer_for(config, ssl_context)
         self._metrics = metrics
         self._emit = emit
         self.health = DestinationHealth(config.name, on_change=self._health_changed)

@@ -312,6 +312,10 @@ async def _read(
         raise AssociationError(stage, "connection closed by the peer") from exc
     except TimeoutError as exc:
         raise AssociationError(stage, f"no answer within {seconds:g} s") from exc
+    except ssl.SSLError as exc:  # TLS 1.3 reports a refused client certificate on the first read
+        raise AssociationError("tls", str(exc)) from exc
+    except OSError as exc:
+        raise AssociationError(stage, f"connection lost: {exc.strerror or exc}") from exc
 
 
 async def _connect(peer: Peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
