@@ -24,23 +24,25 @@ from typing import TYPE_CHECKING
 from gateway import __version__
 from gateway import config as config_module
 from gateway.delivery_queue import DeliveryQueue
+from gateway.device import PowerPolicy, SerialDevice
 from gateway.dul import LocalIdentity
 from gateway.errors import ConfigError
 from gateway.forwarder import Forwarder
 from gateway.index import Index
 from gateway.logs import set_level
 from gateway.metrics import Metrics, MetricsServer
+from gateway.model import Event, EventKind
 from gateway.receiver import Receiver
 from gateway.recovery import recover
 from gateway.retention import Retention
 from gateway.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
 from gateway.status import StatusPoller
 from gateway.systemd import Notifier
+from gateway.telemetry import Telemetry
 from gateway.tls import client_context, server_context
 
 if TYPE_CHECKING:
     from gateway.config import Config, DestinationConfig
-    from gateway.model import Event
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,49 @@ class Gateway:
             on_space=self._space_changed,
             emit=self.emit,
         )
+        self.telemetry = self._make_telemetry(config)
+        self.power = PowerPolicy(self._power_changed)
+        self.devices = self._make_devices(config)
+        self._device_tasks: list[asyncio.Task[None]] = []
+        self._telemetry_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+
+    def _make_telemetry(self, config: Config) -> Telemetry | None:
+        self.metrics.mqtt_enabled.set(1 if config.mqtt is not None else 0)
+        if config.mqtt is None:
+            return None
+        return Telemetry(config.mqtt, config.gateway.node_id, self.metrics, self._health_payload)
+
+    def _make_devices(self, config: Config) -> list[SerialDevice]:
+        return [
+            SerialDevice(cfg, self.metrics, self.emit, on_reading=self.power.observe) for cfg in config.serial
+        ]
+
+    def _health_payload(self) -> dict[str, object]:
+        """The MQTT health message: the status poller's last snapshot and the serial devices."""
+        devices = {
+            device.name: {
+                "up": device.up,
+                "values": dict(device.latest.values) if device.latest else {},
+                "flags": dict(device.latest.flags) if device.latest else {},
+            }
+            for device in self.devices
+        }
+        snapshot = self.status.latest
+        if snapshot is None:
+            return {"ready": False, "not_ready": ["starting"], "devices": devices}
+        return snapshot.as_payload({"devices": devices, "power_hold": self.power.held})
+
+    def _power_changed(self, held: bool, reason: str) -> None:
+        """The UPS is on battery with a low battery (held), or power is back: refuse or accept again."""
+        self.metrics.power_hold.set(1 if held else 0)
+        self.receiver.hold(f"power failure: {reason}" if held else None)
+        if held:
+            log.warning("Power failure (%s): refusing new associations, finishing those in flight", reason)
+        else:
+            log.warning("Power is back (%s): accepting associations again", reason)
+        self.emit(Event(EventKind.POWER, {"held": held, "reason": reason}))
 
     def _make_forwarder(self, destination: DestinationConfig) -> Forwarder:
         return Forwarder(
@@ -110,7 +153,8 @@ class Gateway:
 
     def emit(self, event: Event) -> None:
         """Report an event to telemetry; never blocks (and is a no-op without telemetry)."""
-        log.debug("event %s from %s", event.kind, event.source or "gateway")
+        if self.telemetry is not None:
+            self.telemetry.publish(event)
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler)."""
@@ -152,6 +196,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
+                self._start_telemetry()
                 commit_loop = tg.create_task(self.index.run(), name="index-commit")
                 await recover(self.spool, self.index)
                 receiving = tg.create_task(self.receiver.run(), name="receiver")
@@ -160,6 +205,7 @@ class Gateway:
                     self._start_forwarder(forwarder)
                 background = [tg.create_task(self.retention.run(), name="retention")]
                 background.append(tg.create_task(self.status.run(), name="status"))
+                self._start_devices()
                 background.append(heartbeat)
                 self.ready.set()
                 self.notifier.ready(f"receiving on port {self.receiver.port}")
@@ -179,10 +225,21 @@ class Gateway:
             log.warning("Associations still open at the shutdown deadline are aborted")
         receiving.cancel()
         await asyncio.gather(receiving, return_exceptions=True)
-        background = [*self._forwarding.values(), *background]
+        background = [*self._forwarding.values(), *self._device_tasks, *background]
         for task in background:  # an association in progress is aborted; its claim released
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await _cancel(self._telemetry_task)  # last: it publishes the retained `offline`
+
+    def _start_telemetry(self) -> None:
+        if self.telemetry is not None and self._tg is not None:
+            self._telemetry_task = self._tg.create_task(self.telemetry.run(), name="telemetry")
+
+    def _start_devices(self) -> None:
+        if self._tg is not None:
+            self._device_tasks = [
+                self._tg.create_task(device.run(), name=f"device[{device.name}]") for device in self.devices
+            ]
 
     def request_reload(self) -> None:
         """SIGHUP: reload the config file in the background (safe to call from a signal handler)."""
@@ -214,6 +271,18 @@ class Gateway:
                 log.warning("receiver.%s changed: takes effect after a restart", key)
             self.retention.keep_forwarded = new.retention.keep_forwarded
             await self._apply_destinations(new)
+            if new.mqtt != self.config.mqtt or new.gateway.node_id != self.config.gateway.node_id:
+                await _cancel(self._telemetry_task)
+                self.telemetry = self._make_telemetry(new)
+                self._start_telemetry()
+                log.info("Telemetry restarted with the new settings")
+            if new.serial != self.config.serial:
+                for task in self._device_tasks:
+                    task.cancel()
+                await asyncio.gather(*self._device_tasks, return_exceptions=True)
+                self.devices = self._make_devices(new)
+                self._start_devices()
+                log.info("Serial devices restarted with the new settings")
             self.config = new
             log.info("Configuration reloaded from %s", source)
             return True
@@ -254,6 +323,13 @@ class Gateway:
             self.metrics.beat()
             self.notifier.watchdog()
             await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel a task and wait until it has finished its cleanup."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _first(waiter: object, task: asyncio.Task[None]) -> None:
