@@ -117,11 +117,25 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class LocalIdentity:
-    """What we announce in every A-ASSOCIATE-AC."""
+    """What we announce in every A-ASSOCIATE-RQ and -AC."""
 
     implementation_class_uid: str
     implementation_version_name: str
     max_pdu_length: int
+
+    def user_information(
+        self,
+    ) -> list[
+        MaximumLengthNotification | ImplementationClassUIDNotification | ImplementationVersionNameNotification
+    ]:
+        """The user information items: our maximum PDU length and implementation class and version."""
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.max_pdu_length
+        class_uid = ImplementationClassUIDNotification()
+        class_uid.implementation_class_uid = self.implementation_class_uid
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = self.implementation_version_name
+        return [max_length, class_uid, version]
 
 
 class AssociationPolicy(Protocol):
@@ -188,13 +202,7 @@ def encode_accept(request: A_ASSOCIATE, accept: Accept, identity: LocalIdentity)
     primitive.result = 0x00
     primitive.result_source = 0x01
     primitive.presentation_context_definition_results_list = accept.contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = identity.max_pdu_length
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = identity.implementation_class_uid
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = identity.implementation_version_name
-    primitive.user_information = [max_length, class_uid, version, *accept.roles]
+    primitive.user_information = [*identity.user_information(), *accept.roles]
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(primitive)
     return pdu.encode()

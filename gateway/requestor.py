@@ -22,9 +22,6 @@ from typing import TYPE_CHECKING, Final, Self
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
 )
 from pynetdicom.presentation import build_context
 
@@ -353,13 +350,7 @@ def _associate_request(
         context = build_context(abstract, [syntax])
         context.context_id = 2 * number + 1
         primitive.presentation_context_definition_list.append(context)
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = identity.max_pdu_length
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = identity.implementation_class_uid
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = identity.implementation_version_name
-    primitive.user_information = [max_length, class_uid, version]
+    primitive.user_information = list(identity.user_information())
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return pdu

@@ -39,9 +39,9 @@ from simulators.pacs_state import (
 from simulators.pynetdicom_setup import (
     abort_after_this_pdu,
     configure_pynetdicom,
+    connection_handlers,
     end_association,
     ends_a_command,
-    nodelay_handlers,
     reject_association,
     start_association_server,
     wake_association,
@@ -274,7 +274,7 @@ class PacsSimulator:
 
     def _handlers(self) -> list[EventHandlerType]:
         return [
-            *nodelay_handlers(),
+            *connection_handlers(),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),

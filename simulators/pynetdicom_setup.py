@@ -17,6 +17,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import weakref
 from typing import TYPE_CHECKING, TypeVar
 
 from pynetdicom import _config, evt
@@ -55,9 +56,34 @@ def _on_conn_open_set_nodelay(event: evt.Event) -> None:
         association_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def nodelay_handlers() -> list[EventHandlerType]:
-    """Return event handlers to pass to `AE.associate(evt_handlers=...)` or `AE.start_server(...)`."""
-    return [(evt.EVT_CONN_OPEN, _on_conn_open_set_nodelay)]
+def connection_handlers() -> list[EventHandlerType]:
+    """Event handlers for `AE.associate()` or `AE.start_server()`: TCP_NODELAY, and a sure close.
+
+    pynetdicom's `AssociationSocket._shutdown_socket()` calls `close()` only when `shutdown()` succeeds,
+    then drops its reference: a socket whose peer went first (an abort, a killed gateway) leaks and
+    surfaces later as a ResourceWarning. The handlers remember each raw socket at open and close it at
+    close; closing twice is harmless.
+    """
+    sockets: weakref.WeakKeyDictionary[Association, socket.socket] = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+
+    def remember(event: evt.Event) -> None:
+        transport = event.assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            with lock:
+                sockets[event.assoc] = transport.socket
+
+    def close(event: evt.Event) -> None:
+        with lock:
+            raw = sockets.pop(event.assoc, None)
+        if raw is not None:
+            raw.close()
+
+    return [
+        (evt.EVT_CONN_OPEN, _on_conn_open_set_nodelay),
+        (evt.EVT_CONN_OPEN, remember),
+        (evt.EVT_CONN_CLOSE, close),
+    ]
 
 
 def wake_caller_on_close(assoc: Association) -> None:

@@ -27,8 +27,8 @@ from simulators.datasets import InstanceRef, StudySpec, build_dataset, iter_refs
 from simulators.pynetdicom_setup import (
     close_transport,
     configure_pynetdicom,
+    connection_handlers,
     keep_responses_for_caller,
-    nodelay_handlers,
 )
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def _associate_blocking(
         max_pdu=options.max_pdu,
         tls_args=tls_args,
         evt_handlers=[
-            *nodelay_handlers(),
+            *connection_handlers(),
             (evt.EVT_CONN_OPEN, _on_conn_open, [wire]),
             (evt.EVT_DATA_SENT, _on_data_sent, [wire]),
             (evt.EVT_PDU_RECV, _on_pdu_recv, [wire]),

@@ -147,10 +147,13 @@ def test_out_of_resources_is_retried_and_a_refusal_ends_failed_with_its_status(
 
 def test_abort_mid_association_still_delivers_everything(tmp_path: Path, pacs: PacsSimulator) -> None:
     pacs.set_faults(PacsFaults(abort_after=7))
+    pacs.stop_listening()  # a backlog first, so that every batch is a full 20 and is cut after 7
     setup = plain_gateway(tmp_path, pacs, extra="batch_size = 20\nmax_parallel = 1")
     spec = StudySpec(modality="CT", images_per_series=60, rows=32, columns=32, seed=45)
-    with setup.process():
+    with setup.process() as gateway:
         assert run_scanner(scan(setup, spec)).statuses == {0x0000: 60}
+        wait_until(lambda: "is down" in gateway.output(), 20, "the destination reported down")
+        pacs.start_listening()
         assert pacs.wait_for(60, 90)
         wait_until(lambda: delivery_states(setup) == {"done": 60}, 30, "all delivered")
     stats = pacs.stats()

@@ -25,8 +25,8 @@ from simulators.pacs import PacsFaults, PacsSimulator, server_tls_context
 from simulators.pacs_state import in_fraction
 from simulators.pynetdicom_setup import (
     close_transport,
+    connection_handlers,
     keep_responses_for_caller,
-    nodelay_handlers,
     wake_caller_on_close,
 )
 from simulators.scanner import ScanOptions, TlsOptions, run_scanner
@@ -74,7 +74,7 @@ def associate(
     ae.acse_timeout = ae.connection_timeout = 10.0
     ae.dimse_timeout = dimse_timeout
     ae.add_requested_context(SMALL_CT.sop_class_uid, list(syntaxes))
-    assoc = ae.associate("127.0.0.1", pacs.port, ae_title=PACS_AE, evt_handlers=nodelay_handlers())
+    assoc = ae.associate("127.0.0.1", pacs.port, ae_title=PACS_AE, evt_handlers=connection_handlers())
     if assoc.is_established:
         keep_responses_for_caller(assoc)
         wake_caller_on_close(assoc)  # our aborts then cost no DIMSE timeout
