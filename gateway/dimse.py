@@ -2,7 +2,7 @@
 
 Only what the gateway speaks: C-ECHO and C-STORE, as requestor and as acceptor.
 
-Imports: pydicom, pynetdicom (dsutils), dul (abort reasons), errors.
+Imports: pydicom (element framing), dul (abort reasons), errors.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Final
 
-from pydicom.dataset import Dataset
-from pynetdicom.dsutils import decode, encode
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import data_element_generator
+from pydicom.filewriter import write_data_element
 
 from gateway.dul import AbortReason
 from gateway.errors import ProtocolError
@@ -45,19 +48,26 @@ class Command:
 
 
 def decode_command(raw: bytes) -> Command:
-    """Decode a command set; anything malformed is a protocol error (the association is aborted)."""
+    """Decode a command set; anything malformed is a protocol error (the association is aborted).
+
+    pydicom's element generator frames the elements (tag, length, value) without building a Dataset:
+    a command set has a fixed, small vocabulary of US and UI values, read directly from the raw bytes.
+    """
     try:
-        ds = decode(BytesIO(raw), is_implicit_vr=True, is_little_endian=True)
-        field = int(ds.CommandField)
+        values = {
+            int(element.tag): element.value
+            for element in data_element_generator(BytesIO(raw), is_implicit_VR=True, is_little_endian=True)
+        }
+        field = _us(values[0x00000100])
         is_response = bool(field & 0x8000)
         return Command(
             field=field,
-            message_id=int(ds.MessageIDBeingRespondedTo if is_response else ds.MessageID),
-            sop_class_uid=str(ds.get("AffectedSOPClassUID", "")).strip(),
-            sop_instance_uid=str(ds.get("AffectedSOPInstanceUID", "")).strip(),
-            has_dataset=int(ds.CommandDataSetType) != NO_DATASET,
-            status=int(ds.Status) if is_response else None,
-            error_comment=str(ds.get("ErrorComment", "")).strip() if is_response else "",
+            message_id=_us(values[0x00000120 if is_response else 0x00000110]),
+            sop_class_uid=_text(values.get(0x00000002)),
+            sop_instance_uid=_text(values.get(0x00001000)),
+            has_dataset=_us(values[0x00000800]) != NO_DATASET,
+            status=_us(values[0x00000900]) if is_response else None,
+            error_comment=_text(values.get(0x00000902)) if is_response else "",
         )
     except Exception as exc:  # a malformed command set is a protocol error, whatever pydicom raised
         raise ProtocolError(
@@ -65,46 +75,79 @@ def decode_command(raw: bytes) -> Command:
         ) from exc
 
 
-def _encode(ds: Dataset) -> bytes:
-    body = encode(ds, is_implicit_vr=True, is_little_endian=True) or b""
-    group = Dataset()
-    group.CommandGroupLength = len(body)
-    return (encode(group, is_implicit_vr=True, is_little_endian=True) or b"") + body
+def _us(value: object) -> int:
+    if not isinstance(value, bytes) or len(value) != 2:
+        raise ValueError("a US element must be 2 bytes")
+    return int.from_bytes(value, "little")
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, bytes):
+        raise TypeError("unexpected element value")
+    return value.decode("ascii", "replace").strip("\x00 ")
+
+
+def _element(tag: int, vr: str, value: object) -> DataElement:
+    """An element of our own making: values are already checked, so pydicom's validation is skipped."""
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
+
+
+def _encode(elements: list[DataElement]) -> bytes:
+    """Elements in tag order, behind their (0000,0000) group length, implicit VR little endian."""
+    body = _write(elements)
+    return _write([_element(0x00000000, "UL", len(body))]) + body
+
+
+def _write(elements: list[DataElement]) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = True
+    for element in elements:
+        write_data_element(fp, element)
+    return fp.getvalue()
 
 
 def encode_response(request: Command, status: int, comment: str = "") -> bytes:
     """The response to `request` with `status` (and an error comment for failures)."""
-    ds = Dataset()
+    elements = []
     if request.sop_class_uid:
-        ds.AffectedSOPClassUID = request.sop_class_uid
-    ds.CommandField = request.field | 0x8000
-    ds.MessageIDBeingRespondedTo = request.message_id
-    ds.CommandDataSetType = NO_DATASET
-    ds.Status = status
-    if request.field == C_STORE_RQ and request.sop_instance_uid:
-        ds.AffectedSOPInstanceUID = request.sop_instance_uid
+        elements.append(_element(0x00000002, "UI", request.sop_class_uid))
+    elements += [
+        _element(0x00000100, "US", request.field | 0x8000),
+        _element(0x00000120, "US", request.message_id),
+        _element(0x00000800, "US", NO_DATASET),
+        _element(0x00000900, "US", status),
+    ]
     if comment:
-        ds.ErrorComment = comment[:64]
-    return _encode(ds)
+        elements.append(_element(0x00000902, "LO", comment[:64]))
+    if request.field == C_STORE_RQ and request.sop_instance_uid:
+        elements.append(_element(0x00001000, "UI", request.sop_instance_uid))
+    return _encode(elements)
 
 
 def encode_echo_request(message_id: int) -> bytes:
     """A C-ECHO-RQ."""
-    ds = Dataset()
-    ds.AffectedSOPClassUID = VERIFICATION_SOP_CLASS
-    ds.CommandField = C_ECHO_RQ
-    ds.MessageID = message_id
-    ds.CommandDataSetType = NO_DATASET
-    return _encode(ds)
+    return _encode(
+        [
+            _element(0x00000002, "UI", VERIFICATION_SOP_CLASS),
+            _element(0x00000100, "US", C_ECHO_RQ),
+            _element(0x00000110, "US", message_id),
+            _element(0x00000800, "US", NO_DATASET),
+        ]
+    )
 
 
 def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
     """A C-STORE-RQ (medium priority) announcing a data set."""
-    ds = Dataset()
-    ds.AffectedSOPClassUID = sop_class_uid
-    ds.CommandField = C_STORE_RQ
-    ds.MessageID = message_id
-    ds.Priority = 0
-    ds.CommandDataSetType = DATASET_PRESENT
-    ds.AffectedSOPInstanceUID = sop_instance_uid
-    return _encode(ds)
+    return _encode(
+        [
+            _element(0x00000002, "UI", sop_class_uid),
+            _element(0x00000100, "US", C_STORE_RQ),
+            _element(0x00000110, "US", message_id),
+            _element(0x00000700, "US", 0),
+            _element(0x00000800, "US", DATASET_PRESENT),
+            _element(0x00001000, "UI", sop_instance_uid),
+        ]
+    )

@@ -25,11 +25,11 @@ from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomFileLike
+from pydicom import config
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator, read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_data_element
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from gateway.errors import StoreError
@@ -111,20 +111,36 @@ class FileMetaSpec:
 def encode_file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
 ) -> bytes:
-    """Preamble, prefix and file meta group for one object, encoded by pydicom."""
-    meta = FileMetaDataset()
-    meta.add_new(0x00020001, "OB", b"\x00\x01")
-    meta.add_new(0x00020002, "UI", sop_class_uid)
-    meta.add_new(0x00020003, "UI", sop_instance_uid)
-    meta.add_new(0x00020010, "UI", transfer_syntax_uid)
-    meta.add_new(0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
-    meta.add_new(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
+    """Preamble, prefix and file meta group (explicit VR little endian) for one object.
+
+    pydicom writes each element; they are built without its value validation (the UIDs passed the
+    grammar check already, the rest is ours), which is most of the cost of a meta header otherwise.
+    """
+    elements = [
+        _meta_element(0x00020001, "OB", b"\x00\x01"),
+        _meta_element(0x00020002, "UI", sop_class_uid),
+        _meta_element(0x00020003, "UI", sop_instance_uid),
+        _meta_element(0x00020010, "UI", transfer_syntax_uid),
+        _meta_element(0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+        _meta_element(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
+    ]
     if source_ae:
-        meta.add_new(0x00020016, "AE", source_ae)
-    buffer = BytesIO()
-    buffer.write(_PREAMBLE + b"DICM")
-    write_file_meta_info(DicomFileLike(buffer), meta)
-    return buffer.getvalue()
+        elements.append(_meta_element(0x00020016, "AE", source_ae))
+    body = _explicit_le(elements)
+    return _PREAMBLE + b"DICM" + _explicit_le([_meta_element(0x00020000, "UL", len(body))]) + body
+
+
+def _meta_element(tag: int, vr: str, value: object) -> DataElement:
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
+
+
+def _explicit_le(elements: list[DataElement]) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    for element in elements:
+        write_data_element(fp, element)
+    return fp.getvalue()
 
 
 def scan_dataset(fp: BinaryIO, size: int, transfer_syntax_uid: str) -> InstanceHeader:
