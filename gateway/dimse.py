@@ -7,6 +7,7 @@ Imports: pydicom (element framing), dul (abort reasons), errors.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Final
@@ -27,6 +28,7 @@ C_ECHO_RSP: Final = 0x8030
 NO_DATASET: Final = 0x0101
 DATASET_PRESENT: Final = 0x0000
 VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+_UID: Final = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +111,17 @@ def _write(elements: list[DataElement]) -> bytes:
     return fp.getvalue()
 
 
+def _is_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
 def encode_response(request: Command, status: int, comment: str = "") -> bytes:
-    """The response to `request` with `status` (and an error comment for failures)."""
+    """The response to `request` with `status` (and an error comment for failures).
+
+    UIDs are echoed only when they are UIDs: a hostile request's garbage is not sent back.
+    """
     elements = []
-    if request.sop_class_uid:
+    if _is_uid(request.sop_class_uid):
         elements.append(_element(0x00000002, "UI", request.sop_class_uid))
     elements += [
         _element(0x00000100, "US", request.field | 0x8000),
@@ -122,7 +131,7 @@ def encode_response(request: Command, status: int, comment: str = "") -> bytes:
     ]
     if comment:
         elements.append(_element(0x00000902, "LO", comment[:64]))
-    if request.field == C_STORE_RQ and request.sop_instance_uid:
+    if request.field == C_STORE_RQ and _is_uid(request.sop_instance_uid):
         elements.append(_element(0x00001000, "UI", request.sop_instance_uid))
     return _encode(elements)
 

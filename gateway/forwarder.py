@@ -199,10 +199,11 @@ class Forwarder:
                 continue
             elif result.state is DeliveryState.FAILED:
                 self._metrics.forward_failures.labels(destination=name, kind="failed").inc()
-                payload = {
+                payload = {  # no error text: an archive's comment may quote the patient
                     "sop_instance_uid": delivery.sop_instance_uid,
                     "status": result.status,
-                    "error": result.error,
+                    "attempts": delivery.attempts + 1,
+                    "error": result.error if result.status is None else None,  # our own words only
                 }
                 self._emit(Event(EventKind.DELIVERY_FAILED, payload, source=name))
             else:
@@ -271,13 +272,13 @@ class Forwarder:
 
     def _refused(self, delivery: Delivery, status: int | None, error: str) -> DeliveryResult:
         final = delivery.refusals + 1 >= self.config.retry.max_attempts
-        if final:
+        if final:  # the archive's own comment may quote the patient: it goes to the index, not the log
             log.warning(
                 "Delivery of %s to %s failed after %d refusals: %s",
                 delivery.sop_instance_uid,
                 self.config.name,
                 delivery.refusals + 1,
-                error,
+                f"status 0x{status:04X}" if status is not None else error,
             )
         delay = backoff_delay(self.config.retry, delivery.refusals + 1)
         state = DeliveryState.FAILED if final else DeliveryState.PENDING

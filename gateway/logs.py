@@ -63,3 +63,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # pynetdicom logs every PDU at info level; its own noise is not the operator's business.
     logging.getLogger("pynetdicom").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("aiosqlite").setLevel(max(root.level, logging.INFO))  # one debug line per statement
+    # pydicom's warnings quote element values (a patient ID included): never in our log, never raw on stderr.
+    logging.captureWarnings(capture=True)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)

@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -55,7 +56,6 @@ from gateway.spool import (
 )
 
 if TYPE_CHECKING:
-    import ssl
     from collections.abc import Callable
 
     from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -73,13 +73,13 @@ STATUS_SUCCESS: Final = 0x0000
 STATUS_UNRECOGNIZED_OPERATION: Final = 0x0211
 STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
 WRITE_CHUNK: Final = 1 << 20  # bytes gathered before a write job; small objects take a single job
-_UNCOMPRESSED: Final = [
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
+_UNCOMPRESSED: Final = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+# Deflated Explicit VR LE is not accepted: checking a deflated data set means inflating it, and a small
+# hostile object can inflate to gigabytes (a deflate bomb); scanners send the other syntaxes anyway.
+_NOT_ACCEPTED: Final = {"1.2.840.10008.1.2.1.99"}
+_TRANSFER_SYNTAXES: Final = _UNCOMPRESSED + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED and ts not in _NOT_ACCEPTED
 ]
-_TRANSFER_SYNTAXES: Final = _UNCOMPRESSED + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED]
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -142,7 +142,7 @@ class AccessPolicy:
             return Reject(1, 1, 3, f"calling AE title {calling!r} not in allowed_calling_ae", "calling_ae")
         if self.hold_reason is not None:  # transient, temporary congestion: the scanner retries later
             return Reject(2, 3, 1, f"not accepting: {self.hold_reason}", "hold")
-        if self._active() > self._config.max_associations:
+        if self._active() >= self._config.max_associations:  # established ones; this one is not yet
             return Reject(2, 3, 2, f"max_associations ({self._config.max_associations}) reached", "limit")
         contexts, roles = negotiate_contexts(request, self._supported)
         _prefer_requested_syntax(request, contexts, self._supported)
@@ -420,7 +420,8 @@ class Receiver:
 
     def _count_active(self) -> int:
         """Associations that count toward max_associations (not those only waiting for the close)."""
-        return sum(1 for a in self._associations if a.state not in {State.AWAITING_CLOSE, State.CLOSED})
+        idle = {State.AWAITING_REQUEST, State.AWAITING_CLOSE, State.CLOSED}  # the connection cap bounds these
+        return sum(1 for a in self._associations if a.state not in idle)
 
     @property
     def port(self) -> int:
@@ -469,8 +470,6 @@ class Receiver:
             self._on_connection,
             self.config.host,
             self.config.port,
-            ssl=self._ssl,
-            ssl_handshake_timeout=self.config.acse_timeout if self._ssl else None,
             backlog=64,
             limit=1 << 18,
         )
@@ -514,6 +513,21 @@ class Receiver:
             await self._server.wait_closed()
         self._pool.shutdown(wait=True)
 
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> bool:
+        """TLS on an accepted connection, here rather than in the server, so that a refusal is logged.
+
+        (asyncio's TLS server logs failed handshakes only in debug mode; an admin must see why a scanner
+        with an expired or foreign certificate cannot connect.)
+        """
+        assert self._ssl is not None  # noqa: S101 - only called with TLS
+        try:
+            await writer.start_tls(self._ssl, ssl_handshake_timeout=self.config.acse_timeout)
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, str(exc) or type(exc).__name__)
+            writer.close()
+            return False
+        return True
+
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - always inside the server's task
@@ -527,6 +541,8 @@ class Receiver:
             if len(self._connections) > 2 * self.config.max_associations + 8:
                 log.warning("Dropping connection from %s: too many open connections", peer)
                 writer.close()
+                return
+            if self._ssl is not None and not await self._handshake(writer, peer):
                 return
             association = Association(reader, writer, peer, self._timeouts, self._identity)
             self._associations.add(association)

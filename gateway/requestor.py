@@ -279,10 +279,23 @@ async def _handshake(
     request: A_ASSOCIATE_RQ,
 ) -> A_ASSOCIATE:
     """Send the request and read the answer: the A-ASSOCIATE-AC as a primitive, or an error."""
-    writer.write(request.encode())
-    async with asyncio.timeout(peer.network_timeout):
-        await writer.drain()
-    pdu_type, body = await _read(reader, peer.acse_timeout, identity.max_pdu_length, "associate")
+    try:
+        writer.write(request.encode())
+        async with asyncio.timeout(peer.network_timeout):
+            await writer.drain()
+        pdu_type, body = await _read(reader, peer.acse_timeout, identity.max_pdu_length, "associate")
+    except (AssociationError, OSError) as exc:
+        closed = isinstance(exc, OSError) or isinstance(exc.__cause__, asyncio.IncompleteReadError | OSError)
+        if (
+            peer.ssl_context is None
+            or not closed
+            or (isinstance(exc, AssociationError) and exc.stage == "tls")
+        ):
+            raise
+        # With TLS 1.3 the server checks our certificate after our handshake is done: its refusal
+        # shows up as a closed connection when we send the request.
+        hint = "the archive closed the connection after the TLS handshake (certificate required or refused?)"
+        raise AssociationError("tls", f"{hint}: {exc}") from exc
     if pdu_type == PduType.ASSOCIATE_RJ:
         rj = A_ASSOCIATE_RJ()
         rj.decode(_frame(pdu_type, body))

@@ -19,14 +19,12 @@ import logging
 import os
 import re
 import secrets
-import zlib
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from pydicom import config
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator, read_file_meta_info
 from pydicom.filewriter import write_data_element
@@ -157,11 +155,9 @@ def scan_dataset(fp: BinaryIO, size: int, transfer_syntax_uid: str) -> InstanceH
     """
     syntax = UID(transfer_syntax_uid)
     if syntax == DeflatedExplicitVRLittleEndian:
-        inflated = zlib.decompressobj(-zlib.MAX_WBITS)
-        data = inflated.decompress(fp.read())
-        if not inflated.eof:
-            raise ValueError("deflated data set is truncated")
-        fp, size = BytesIO(data), len(data)
+        # Never inflated here: a small hostile object can inflate to gigabytes (the receiver does not
+        # negotiate this syntax either).
+        raise ValueError("Deflated Explicit VR Little Endian is not accepted")
     values: dict[int, object] = {}
     end = fp.tell()
     for element in data_element_generator(
@@ -169,7 +165,7 @@ def scan_dataset(fp: BinaryIO, size: int, transfer_syntax_uid: str) -> InstanceH
     ):
         end = fp.tell()
         if element.tag in _HEADER_TAGS and isinstance(element, RawDataElement):
-            values[element.tag] = convert_raw_data_element(element).value
+            values[element.tag] = element.value  # raw bytes: no pydicom value checks (they log values)
     if end != size:
         raise ValueError(f"data set ends at byte {end} of {size}: truncated, or trailing bytes")
     return InstanceHeader(
@@ -183,6 +179,9 @@ def scan_dataset(fp: BinaryIO, size: int, transfer_syntax_uid: str) -> InstanceH
 
 
 def _text(value: object) -> str:
+    """A raw string value as text (latin-1 keeps every byte; the index only compares and shows it)."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip("\x00 ")
     return "" if value is None else str(value).strip()
 
 

@@ -250,13 +250,14 @@ def test_header_past_the_first_64_kib_is_still_read_right(spool, form):
     assert file_bytes[meta_end(file_bytes) :] == data
 
 
-def test_deflated_data_set_is_kept_deflated_and_its_header_read(spool, form):
+def test_deflated_data_set_is_refused_without_inflating_it(spool, form):
+    """Checking a deflated object means inflating it (a deflate bomb): it is refused, nothing is kept."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     data = compressor.compress(dataset_bytes()) + compressor.flush()
-    finished = store(spool, data, form=form, syntax=DeflatedExplicitVRLittleEndian)
-    assert finished.header == HEADER
-    file_bytes = (spool.directory / finished.file_name).read_bytes()
-    assert file_bytes[meta_end(file_bytes) :] == data  # no inflate/re-encode on the receive path
+    with pytest.raises(StoreError) as refused:
+        store(spool, data, form=form, syntax=DeflatedExplicitVRLittleEndian)
+    assert refused.value.status == 0xC000
+    assert list(spool.directory.iterdir()) == []
 
 
 def test_stored_file_is_private_and_not_executable(spool, form):
