@@ -156,17 +156,21 @@ class DeliveryQueue:
         )
         return [(row[0], row[1]) for row in rows]
 
-    async def mark_deleted(self, uid: str) -> bool:
-        """Mark a file removed by retention, only while it is still fully delivered; True if it was.
+    async def mark_deleted(self, uids: Sequence[str]) -> set[str]:
+        """Mark files removed by retention, only while still fully delivered, in one transaction.
 
-        False means the file changed since it was chosen (new bytes arrived): it must stay.
+        Returns the UIDs marked; a UID left out changed since it was chosen (new bytes arrived) and its
+        file must stay.
         """
+        marked: set[str] = set()
         async with self.index.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE instances SET file_state = 'deleted' "
-                "WHERE sop_instance_uid = ? AND file_state = 'stored' AND delivered_at IS NOT NULL",
-                (uid,),
-            )
-            changed = cursor.rowcount == 1
-            await cursor.close()
-        return changed
+            for uid in uids:
+                cursor = await db.execute(
+                    "UPDATE instances SET file_state = 'deleted' "
+                    "WHERE sop_instance_uid = ? AND file_state = 'stored' AND delivered_at IS NOT NULL",
+                    (uid,),
+                )
+                if cursor.rowcount == 1:
+                    marked.add(uid)
+                await cursor.close()
+        return marked

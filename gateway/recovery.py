@@ -9,6 +9,7 @@ Imports: spool, index, model.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
+
+CHUNK = 1000  # files or rows looked at per step
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +38,21 @@ class RecoveryReport:
 
 
 async def recover(spool: Spool, index: Index) -> RecoveryReport:
-    """Remove temporary files, index orphan files, flag rows without files, release dead claims."""
+    """Remove temporary files, index orphan files, flag rows without files, release dead claims.
+
+    Memory stays flat whatever the backlog: the directory and the index are both walked in chunks.
+    """
     removed = await asyncio.to_thread(spool.remove_temp_files)
-    on_disk = set(await asyncio.to_thread(lambda: set(spool.stored_uids())))
-    indexed = await index.stored_uids()
+    orphans = await _files_without_rows(spool, index)
     reindexed = unreadable = 0
-    for uid in sorted(on_disk - indexed):
+    for uid in orphans:
         instance = await asyncio.to_thread(_describe_orphan, spool, uid)
         if instance is None:
             unreadable += 1
             continue
         await index.record(instance)
         reindexed += 1
-    missing = await index.mark_missing(indexed - on_disk)
+    missing = await index.mark_missing(await _rows_without_files(spool, index))
     released = await index.release_claims()
     report = RecoveryReport(removed, reindexed, unreadable, missing, released)
     log.info(
@@ -62,6 +67,38 @@ async def recover(spool: Spool, index: Index) -> RecoveryReport:
     if missing:
         log.error("%d indexed instances have no spool file: their deliveries are marked failed", missing)
     return report
+
+
+async def _files_without_rows(spool: Spool, index: Index) -> list[str]:
+    """UIDs of spool files the index does not list as stored (a crash between rename and commit)."""
+    files = iter(spool.stored_uids())
+    orphans: list[str] = []
+    while chunk := await asyncio.to_thread(lambda: list(itertools.islice(files, CHUNK))):
+        marks = ",".join("?" * len(chunk))
+        query = "SELECT sop_instance_uid FROM instances WHERE file_state = 'stored' AND sop_instance_uid IN "
+        rows = await index.fetchall(query + f"({marks})", chunk)
+        known = {row[0] for row in rows}
+        orphans += [uid for uid in chunk if uid not in known]
+    return sorted(orphans)
+
+
+async def _rows_without_files(spool: Spool, index: Index) -> list[str]:
+    """UIDs of rows listed as stored whose file is gone, paging through the index by id."""
+    missing: list[str] = []
+    last_id = 0
+    while rows := await index.fetchall(
+        "SELECT id, sop_instance_uid, file_name FROM instances WHERE file_state = 'stored' AND id > ? "
+        "ORDER BY id LIMIT ?",
+        (last_id, CHUNK),
+    ):
+        last_id = rows[-1][0]
+        missing += await asyncio.to_thread(_gone, spool, [(row[1], row[2]) for row in rows])
+    return missing
+
+
+def _gone(spool: Spool, page: list[tuple[str, str]]) -> list[str]:
+    """The UIDs of (UID, file name) pairs whose file is not in the spool (blocking)."""
+    return [uid for uid, file_name in page if not spool.path_for(file_name).exists()]
 
 
 def _describe_orphan(spool: Spool, uid: str) -> StoredInstance | None:

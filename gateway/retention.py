@@ -14,6 +14,7 @@ Imports: delivery_queue, spool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Final
@@ -56,6 +57,21 @@ class Retention:
             except TimeoutError:
                 pass
 
+    async def _remove(self, candidates: list[tuple[str, str]]) -> int:
+        """Mark and delete one group of (UID, file name); returns how many files went."""
+        async with contextlib.AsyncExitStack() as locks:  # receivers take one UID lock at a time
+            for uid, _ in candidates:
+                await locks.enter_async_context(self._spool.locks.hold(uid))
+            marked = await self._queue.mark_deleted([uid for uid, _ in candidates])
+            # Unmarked ones were replaced by new bytes while we waited for their locks: they stay.
+            names = [file_name for uid, file_name in candidates if uid in marked]
+            await asyncio.to_thread(self._delete_files, names)
+        return len(names)
+
+    def _delete_files(self, names: list[str]) -> None:
+        for name in names:
+            self._spool.delete(name)
+
     async def _has_room(self) -> bool:
         """True while free space is at least twice the reserve."""
         return await asyncio.to_thread(self._spool.has_room, self._spool.min_free_bytes)
@@ -69,16 +85,15 @@ class Retention:
             candidates = await self._queue.delivered_files(cutoff, SWEEP_BATCH)
             if not candidates:
                 break
-            for uid, file_name in candidates:
-                async with self._spool.locks.hold(uid):
-                    if not await self._queue.mark_deleted(uid):
-                        continue  # replaced by new bytes while we waited for the lock: keep them
-                    await asyncio.to_thread(self._spool.delete, file_name)
-                removed += 1
+            # One transaction per batch; under pressure one file at a time, to stop as soon as there is room.
+            for group in [[c] for c in candidates] if under_pressure else [candidates]:
+                removed += await self._remove(group)
                 if under_pressure and await self._has_room():
                     break
-            if len(candidates) < SWEEP_BATCH:
-                break
+            else:
+                if len(candidates) == SWEEP_BATCH:
+                    continue
+            break
         if removed:
             self.deleted += removed
             log.info("Retention removed %d delivered files", removed)

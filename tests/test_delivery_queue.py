@@ -421,7 +421,7 @@ async def test_delivered_files_lists_fully_delivered_files_oldest_delivered_firs
 async def test_delivered_files_skips_files_already_deleted(index, queue):
     await record(index, instance(1), instance(2))
     await deliver(queue, index, 1, 2)
-    assert await queue.mark_deleted(uid(1))
+    assert await queue.mark_deleted([uid(1)]) == {uid(1)}
     assert await queue.delivered_files(time.time(), 100) == [(uid(2), f"{uid(2)}.dcm")]
 
 
@@ -430,7 +430,7 @@ async def test_mark_deleted_only_touches_files_still_fully_delivered(index, queu
     await deliver(queue, index, 1, 3)
     # 3 came again with new bytes after it was delivered: it is undelivered now.
     await index.record(instance(3, sha256="c" * 64))
-    assert [await queue.mark_deleted(uid(n)) for n in (1, 2, 3)] == [True, False, False]
+    assert await queue.mark_deleted([uid(1), uid(2), uid(3)]) == {uid(1)}
     assert (await instance_row(index, 1))["file_state"] == "deleted"
     assert (await instance_row(index, 2))["file_state"] == "stored"
     assert (await instance_row(index, 3))["file_state"] == "stored"
