@@ -294,7 +294,10 @@ async def _handshake(
             raise
         # With TLS 1.3 the server checks our certificate after our handshake is done: its refusal
         # shows up as a closed connection when we send the request.
-        hint = "the archive closed the connection after the TLS handshake (certificate required or refused?)"
+        hint = (
+            "the archive closed the connection after the TLS handshake: "
+            "client certificate required (missing or refused?)"
+        )
         raise AssociationError("tls", f"{hint}: {exc}") from exc
     if pdu_type == PduType.ASSOCIATE_RJ:
         rj = A_ASSOCIATE_RJ()
