@@ -10,7 +10,7 @@ BENCH_DEB_PACKAGES := $(DEB_PACKAGES) orthanc
 STAMP := $(VENV)/.installed
 LINT_PATHS := gateway simulators tests $(wildcard bench)
 
-.PHONY: venv debs bench-debs test test-quick lint typecheck format demo bench bench-quick clean
+.PHONY: venv debs bench-debs test test-quick lint typecheck format demo bench bench-quick chaos clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,13 @@ debs:
 
 test: debs venv
 	$(BIN)/pytest -q
+
+# The long chaos suites (~7-9 min on 2 cores; `make test` runs their short versions): kill -9 loop,
+# power-loss model, PACS outage backlog, slow and stalled PACS, MQTT/UPS outages, full spool. Each prints
+# its summary; CHAOS_RESULTS=FILE appends one JSON line per suite; CHAOS_SEED=N replays a run.
+chaos: debs venv
+	CHAOS_LONG=1 $(BIN)/pytest -q -s tests/test_chaos.py -p no:cacheprovider --timeout=1500
+	CHAOS_LONG=1 $(BIN)/pytest -q -s tests/test_hostile.py -k "fuzzed or over_the_wire" -p no:cacheprovider --timeout=1500
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -66,11 +73,11 @@ bench-debs:
 	  status=$$?; [ -z "$$own_policy" ] || rm -f $$policy; exit $$status; \
 	fi
 
-# The full benchmark (~15-25 min on 2 cores): `bench/RESULTS.md` holds a run and how to read it.
+# The full benchmark (~8-12 min on 2 cores): `bench/RESULTS.md` holds a run and how to read it.
 bench: bench-debs venv
 	$(BIN)/python -m bench.run
 
-# A smaller run (~3 min) that checks every part works; its numbers are noisier.
+# A smaller run (~1.5 min) that checks every part works; its numbers are noisier.
 bench-quick: bench-debs venv
 	$(BIN)/python -m bench.run --quick
 
