@@ -229,7 +229,9 @@ def build_dataset(spec: StudySpec, ref: InstanceRef) -> Dataset:
 
 
 def _uid(spec: StudySpec, kind: str, *numbers: int) -> UID:
-    return generate_uid(UID_ROOT, entropy_srcs=[str(spec.seed), kind, *map(str, numbers)])
+    # One entropy source with separators: generate_uid joins its sources without one, so series 1 image 11
+    # and series 11 image 1 would get the same UID.
+    return generate_uid(UID_ROOT, entropy_srcs=["/".join([str(spec.seed), kind, *map(str, numbers)])])
 
 
 def _add_modality_attributes(ds: Dataset, spec: StudySpec, ref: InstanceRef) -> None:
