@@ -51,6 +51,8 @@ class Broker:
 
     def __init__(self, directory: Path, extra: str = "") -> None:
         self.port = free_port()
+        while f"listener {self.port} " in extra:  # free_port() may hand out an extra listener's port again
+            self.port = free_port()
         self.config = directory / f"mosquitto-{self.port}.conf"
         as_root = "user root\n" if os.geteuid() == 0 else ""  # else it drops to `mosquitto`: no tmp_path
         self.config.write_text(
