@@ -41,12 +41,20 @@ class ProcessStartError(RuntimeError):
         self.output = output
 
 
+# Ports are a process-wide resource: the kernel may hand the same free port to two probes moments apart,
+# before either server has bound it, so the ports handed out lately are remembered and skipped.
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on `host` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """Return a TCP port on `host` that nothing listens on right now (and not handed out lately)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port: int = probe.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
