@@ -2,7 +2,7 @@
 
 Only what the gateway speaks: C-ECHO and C-STORE, as requestor and as acceptor.
 
-Imports: pydicom (element framing), dul (abort reasons), errors.
+Imports: pydicom (element framing), dul (abort reasons), spool (element writing), errors.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from pydicom import config
-from pydicom.dataelem import DataElement
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator
-from pydicom.filewriter import write_data_element
 
 from gateway.dul import AbortReason
 from gateway.errors import ProtocolError
+from gateway.spool import encode_group, trusted_element
+
+if TYPE_CHECKING:
+    from pydicom.dataelem import DataElement
 
 C_STORE_RQ: Final = 0x0001
 C_ECHO_RQ: Final = 0x0030
@@ -91,24 +91,9 @@ def _text(value: object) -> str:
     return value.decode("ascii", "replace").strip("\x00 ")
 
 
-def _element(tag: int, vr: str, value: object) -> DataElement:
-    """An element of our own making: values are already checked, so pydicom's validation is skipped."""
-    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
-
-
 def _encode(elements: list[DataElement]) -> bytes:
-    """Elements in tag order, behind their (0000,0000) group length, implicit VR little endian."""
-    body = _write(elements)
-    return _write([_element(0x00000000, "UL", len(body))]) + body
-
-
-def _write(elements: list[DataElement]) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = True
-    for element in elements:
-        write_data_element(fp, element)
-    return fp.getvalue()
+    """A command set: implicit VR little endian, behind its (0000,0000) group length."""
+    return encode_group(0x0000, elements, implicit_vr=True)
 
 
 def _is_uid(value: str) -> bool:
@@ -122,17 +107,17 @@ def encode_response(request: Command, status: int, comment: str = "") -> bytes:
     """
     elements = []
     if _is_uid(request.sop_class_uid):
-        elements.append(_element(0x00000002, "UI", request.sop_class_uid))
+        elements.append(trusted_element(0x00000002, "UI", request.sop_class_uid))
     elements += [
-        _element(0x00000100, "US", request.field | 0x8000),
-        _element(0x00000120, "US", request.message_id),
-        _element(0x00000800, "US", NO_DATASET),
-        _element(0x00000900, "US", status),
+        trusted_element(0x00000100, "US", request.field | 0x8000),
+        trusted_element(0x00000120, "US", request.message_id),
+        trusted_element(0x00000800, "US", NO_DATASET),
+        trusted_element(0x00000900, "US", status),
     ]
     if comment:
-        elements.append(_element(0x00000902, "LO", comment[:64]))
+        elements.append(trusted_element(0x00000902, "LO", comment[:64]))
     if request.field == C_STORE_RQ and _is_uid(request.sop_instance_uid):
-        elements.append(_element(0x00001000, "UI", request.sop_instance_uid))
+        elements.append(trusted_element(0x00001000, "UI", request.sop_instance_uid))
     return _encode(elements)
 
 
@@ -140,10 +125,10 @@ def encode_echo_request(message_id: int) -> bytes:
     """A C-ECHO-RQ."""
     return _encode(
         [
-            _element(0x00000002, "UI", VERIFICATION_SOP_CLASS),
-            _element(0x00000100, "US", C_ECHO_RQ),
-            _element(0x00000110, "US", message_id),
-            _element(0x00000800, "US", NO_DATASET),
+            trusted_element(0x00000002, "UI", VERIFICATION_SOP_CLASS),
+            trusted_element(0x00000100, "US", C_ECHO_RQ),
+            trusted_element(0x00000110, "US", message_id),
+            trusted_element(0x00000800, "US", NO_DATASET),
         ]
     )
 
@@ -152,11 +137,11 @@ def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: 
     """A C-STORE-RQ (medium priority) announcing a data set."""
     return _encode(
         [
-            _element(0x00000002, "UI", sop_class_uid),
-            _element(0x00000100, "US", C_STORE_RQ),
-            _element(0x00000110, "US", message_id),
-            _element(0x00000700, "US", 0),
-            _element(0x00000800, "US", DATASET_PRESENT),
-            _element(0x00001000, "UI", sop_instance_uid),
+            trusted_element(0x00000002, "UI", sop_class_uid),
+            trusted_element(0x00000100, "US", C_STORE_RQ),
+            trusted_element(0x00000110, "US", message_id),
+            trusted_element(0x00000700, "US", 0),
+            trusted_element(0x00000800, "US", DATASET_PRESENT),
+            trusted_element(0x00001000, "UI", sop_instance_uid),
         ]
     )

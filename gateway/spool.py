@@ -115,27 +115,37 @@ def encode_file_meta(
     grammar check already, the rest is ours), which is most of the cost of a meta header otherwise.
     """
     elements = [
-        _meta_element(0x00020001, "OB", b"\x00\x01"),
-        _meta_element(0x00020002, "UI", sop_class_uid),
-        _meta_element(0x00020003, "UI", sop_instance_uid),
-        _meta_element(0x00020010, "UI", transfer_syntax_uid),
-        _meta_element(0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
-        _meta_element(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
+        trusted_element(0x00020001, "OB", b"\x00\x01"),
+        trusted_element(0x00020002, "UI", sop_class_uid),
+        trusted_element(0x00020003, "UI", sop_instance_uid),
+        trusted_element(0x00020010, "UI", transfer_syntax_uid),
+        trusted_element(0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+        trusted_element(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME),
     ]
     if source_ae:
-        elements.append(_meta_element(0x00020016, "AE", source_ae))
-    body = _explicit_le(elements)
-    return _PREAMBLE + b"DICM" + _explicit_le([_meta_element(0x00020000, "UL", len(body))]) + body
+        elements.append(trusted_element(0x00020016, "AE", source_ae))
+    return _PREAMBLE + b"DICM" + encode_group(0x0002, elements, implicit_vr=False)
 
 
-def _meta_element(tag: int, vr: str, value: object) -> DataElement:
+def trusted_element(tag: int, vr: str, value: object) -> DataElement:
+    """An element of our own making: values are already checked, so pydicom's validation is skipped."""
     return DataElement(tag, vr, value, validation_mode=config.IGNORE)
 
 
-def _explicit_le(elements: list[DataElement]) -> bytes:
+def encode_group(group: int, elements: list[DataElement], *, implicit_vr: bool) -> bytes:
+    """Elements in tag order behind their group length element, little endian, written by pydicom.
+
+    Shared by the file meta (group 0002, explicit VR) and DIMSE command sets (group 0000, implicit VR).
+    """
+    body = _write_elements(elements, implicit_vr=implicit_vr)
+    length = trusted_element(group << 16, "UL", len(body))
+    return _write_elements([length], implicit_vr=implicit_vr) + body
+
+
+def _write_elements(elements: list[DataElement], *, implicit_vr: bool) -> bytes:
     fp = DicomBytesIO()
     fp.is_little_endian = True
-    fp.is_implicit_VR = False
+    fp.is_implicit_VR = implicit_vr
     for element in elements:
         write_data_element(fp, element)
     return fp.getvalue()
